@@ -1,0 +1,53 @@
+"""The agent interface: an agent gets an explicit :class:`RunContext` and emits through it."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class RunContext(Protocol):
+    """What a run gives its agent: the request, and the only way to emit events.
+
+    Each ``emit_*`` call is synchronous: the event is in the run's log (with its seq) and
+    offered to every subscriber before the call returns.
+    """
+
+    @property
+    def session_id(self) -> str: ...
+
+    @property
+    def user_id(self) -> str | None: ...
+
+    @property
+    def content(self) -> str:
+        """What the agent answers (notes for images and files appended)."""
+        ...
+
+    @property
+    def images(self) -> list[str]: ...
+
+    def emit_thinking(self, delta: str) -> None: ...
+
+    def emit_thinking_end(self) -> None: ...
+
+    def emit_text(self, delta: str) -> None: ...
+
+    def emit_tool_started(self, tool: str, args: Any, *, is_subagent: bool = False) -> None: ...
+
+    def emit_tool_call(self, result: str, *, success: bool) -> None: ...
+
+    def emit_context_compressed(self) -> None: ...
+
+
+class Agent(Protocol):
+    async def play(self, ctx: RunContext) -> None:
+        """Produce one answer through ``ctx``.
+
+        Cancellation: a stop cancels this call at its next checkpoint; the run closes what
+        was left open (a running tool, open thinking) and writes the terminal event, so an
+        agent needs no cleanup of its own for the protocol's sake.
+
+        Error handling: raise :class:`~navi_trio.errors.AgentError` for a failure whose
+        message the user should see; any other exception becomes a generic ``error``.
+        """
+        ...

@@ -1,0 +1,147 @@
+"""The ``scripted`` agent of CONTRACT section 4: plays ``{"script": [step, ...]}``.
+
+It needs no model and paces like one: a text step with a delay runs on a fixed schedule
+from the step's start (``sleep_until``), so 200 concurrent sessions do not drift the way
+relative sleeps would. A text step with no delay is a burst, like a model's tokens
+arriving in one network read: it yields to the scheduler every ``BURST`` deltas, which is
+also how often a stop can land.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Final
+
+import orjson
+import trio
+
+from ..errors import AgentError
+from .base import RunContext
+
+BURST: Final = 8
+#: The demonstration answer streams its words at a model's pace.
+DEMO_WORD_DELAY_S: Final = 0.02
+_WORD = re.compile(r"\S+\s*")
+
+
+class ScriptError(AgentError):
+    """A script step the scripted agent does not understand."""
+
+
+class ScriptedAgent:
+    def __init__(self) -> None:
+        # Tool threads are abandoned on stop; bound how many can pile up.
+        self._tool_threads = trio.CapacityLimiter(64)
+
+    async def play(self, ctx: RunContext) -> None:
+        steps = parse_script(ctx.content)
+        if steps is None:
+            await self._demo(ctx)
+            return
+        for i, step in enumerate(steps):
+            await self._step(ctx, i, step)
+
+    async def _demo(self, ctx: RunContext) -> None:
+        """A short demonstration: a thinking step, one tool call, the text echoed back."""
+        ctx.emit_thinking("Echoing the message back, word by word.")
+        ctx.emit_thinking_end()
+        await trio.lowlevel.checkpoint()
+        words = _WORD.findall(ctx.content) or [ctx.content]
+        ctx.emit_tool_started("echo", {"words": len(words)})
+        await trio.lowlevel.checkpoint()
+        ctx.emit_tool_call(f"{len(words)} words", success=True)
+        start = trio.current_time()
+        for i, word in enumerate(words):
+            if i:
+                await trio.sleep_until(start + i * DEMO_WORD_DELAY_S)
+            ctx.emit_text(word)
+
+    async def _step(self, ctx: RunContext, index: int, step: Any) -> None:
+        if not isinstance(step, dict):
+            raise ScriptError(f"Script step {index} is not an object")
+        if "think" in step:
+            text = _str(step, "think", index)
+            for word in _WORD.findall(text) or [text]:
+                ctx.emit_thinking(word)
+            ctx.emit_thinking_end()
+            await trio.lowlevel.checkpoint()
+        elif "text" in step:
+            await self._text(ctx, index, step)
+        elif "tool" in step:
+            await self._tool(ctx, index, step)
+        elif "sleep" in step:
+            await trio.sleep(_number(step, "sleep", index))
+        elif step.get("compress") is True:
+            ctx.emit_context_compressed()
+            await trio.lowlevel.checkpoint()
+        elif "error" in step:
+            raise AgentError(_str(step, "error", index))
+        elif step.get("crash") is True:
+            raise RuntimeError(f"scripted crash at step {index}")
+        else:
+            raise ScriptError(f"Script step {index} has no known action")
+
+    async def _text(self, ctx: RunContext, index: int, step: dict[str, Any]) -> None:
+        chunk = _str(step, "text", index)
+        repeat = step.get("repeat", 1)
+        if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 0:
+            raise ScriptError(f"Script step {index}: repeat must be a non-negative integer")
+        delay = _number(step, "delay", index, default=0.0)
+        stamp = step.get("stamp") is True
+        start = trio.current_time()
+        for i in range(repeat):
+            if delay:
+                if i:
+                    await trio.sleep_until(start + i * delay)
+            elif i % BURST == BURST - 1:
+                await trio.lowlevel.checkpoint()
+            ctx.emit_text(f"[t={time.time():.6f}]{chunk}" if stamp else chunk)
+        await trio.lowlevel.checkpoint()
+
+    async def _tool(self, ctx: RunContext, index: int, step: dict[str, Any]) -> None:
+        tool = _str(step, "tool", index)
+        args = step.get("args", {})
+        result = step.get("result", "")
+        if not isinstance(result, str):
+            result = orjson.dumps(result).decode()
+        success = step.get("success", True) is not False
+        delay = _number(step, "delay", index, default=0.0)
+        ctx.emit_tool_started(tool, args)
+        if step.get("thread") is True:
+            # A stop abandons the thread: the run ends now, the sleep finishes unobserved.
+            await trio.to_thread.run_sync(time.sleep, delay, abandon_on_cancel=True, limiter=self._tool_threads)
+        elif delay:
+            await trio.sleep(delay)
+        else:
+            await trio.lowlevel.checkpoint()
+        ctx.emit_tool_call(result, success=success)
+
+
+def parse_script(content: str) -> list[Any] | None:
+    """The steps of ``{"script": [...]}`` content, or None for any other content."""
+    if not content.lstrip().startswith("{"):
+        return None
+    try:
+        spec = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(spec, dict):
+        steps = spec.get("script")
+        if isinstance(steps, list):
+            return steps
+    return None
+
+
+def _str(step: dict[str, Any], key: str, index: int) -> str:
+    value = step.get(key)
+    if not isinstance(value, str):
+        raise ScriptError(f"Script step {index}: {key} must be a string")
+    return value
+
+
+def _number(step: dict[str, Any], key: str, index: int, default: float | None = None) -> float:
+    value = step.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+        raise ScriptError(f"Script step {index}: {key} must be a non-negative number")
+    return float(value)

@@ -1,0 +1,153 @@
+"""The ASGI application: lifespan, HTTP and WebSocket dispatch.
+
+State enters through ``scope["state"]`` (set at lifespan startup, copied by hypercorn
+into every connection's scope), never through module globals, so every test can build
+its own isolated server (STYLE P2, anti-pattern 15).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qs
+
+import structlog
+import trio
+
+from .agents import make_agent
+from .connection import CLOSE_NOT_FOUND, CLOSE_RESTART, Connection
+from .errors import StoreError
+from .http import HttpApi
+from .runs import RunRegistry
+from .settings import Settings
+from .store import open_store
+
+if TYPE_CHECKING:
+    from .asgi_types import Receive, Scope, Send
+
+log = structlog.get_logger("navi_trio.app")
+
+_WS_PATH: Final = re.compile(r"^/ws/sessions/(?P<sid>[A-Za-z0-9_-]{1,64})$")
+STATE_KEY: Final = "navi"
+
+
+class Services:
+    """What the lifespan task opens and every connection uses."""
+
+    def __init__(self, settings: Settings, registry: RunRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.http = HttpApi(registry, registry.store)
+
+
+class NaviApp:
+    """The ASGI callable. ``begin_shutdown()`` is how a shutdown trigger tells it first."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.services: Services | None = None
+        self._shutdown_requested = trio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._services(scope).http(scope, receive, send)
+        elif kind == "websocket":
+            await self.websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self.lifespan(scope, receive, send)
+
+    def _services(self, scope: Scope) -> Services:
+        services: Services = scope["state"][STATE_KEY]
+        return services
+
+    # -- lifespan ----------------------------------------------------------------------
+    async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Own the server-lifetime nursery from startup to shutdown (STYLE P2).
+
+        Cancellation: when hypercorn cancels the lifespan task, the nursery's runs are
+        cancelled from outside and each still writes its terminal event and saves.
+        """
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        settings = self.settings
+        try:
+            async with open_store(settings) as store, trio.open_nursery() as server_nursery:
+                registry = RunRegistry(
+                    server_nursery,
+                    store,
+                    make_agent(settings.agent),
+                    save_timeout_s=settings.save_timeout_s,
+                    max_queued_runs=settings.max_queued_runs,
+                )
+                services = Services(settings, registry)
+                scope["state"][STATE_KEY] = services
+                self.services = services
+                server_nursery.start_soon(self._drain_on_request, registry)
+                log.info("server.started", store=settings.store, agent=settings.agent, auth=settings.auth)
+                await send({"type": "lifespan.startup.complete"})
+                message = await receive()  # lifespan.shutdown: every connection has ended
+                await registry.drain(0.0 if registry.closing.is_set() else settings.grace_s)
+                server_nursery.cancel_scope.cancel(reason="lifespan shutdown")
+        except (StoreError, ValueError) as exc:
+            log.error("server.startup_failed", error=str(exc))
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        log.info("server.stopped")
+        await send({"type": "lifespan.shutdown.complete"})
+
+    def begin_shutdown(self) -> None:
+        """Start draining (called by the shutdown trigger before hypercorn stops accepting)."""
+        self._shutdown_requested.set()
+
+    async def _drain_on_request(self, registry: RunRegistry) -> None:
+        await self._shutdown_requested.wait()
+        log.info("server.draining", grace_s=self.settings.grace_s, runs=len(registry.runs))
+        await registry.drain(self.settings.grace_s)
+        registry.close_all_followers(CLOSE_RESTART, "Server restarting")
+
+    # -- websocket ---------------------------------------------------------------------
+    async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        services = self._services(scope)
+        registry = services.registry
+        m = _WS_PATH.match(scope["path"])
+        session = await registry.store.get_session(m["sid"]) if m else None
+        await send({"type": "websocket.accept"})
+        if session is None:
+            await send({"type": "websocket.close", "code": CLOSE_NOT_FOUND, "reason": "Session not found"})
+            return
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        run_id = _first(query, "run_id")
+        after = _int_or_none(_first(query, "after"))
+        conn = Connection(
+            registry,
+            session.id,
+            None,
+            send,
+            receive,
+            heartbeat_s=services.settings.heartbeat_s,
+            outbox_size=services.settings.outbox_size,
+        )
+        await conn.serve(resume_run_id=run_id, resume_after=after)
+
+
+def _first(query: dict[str, list[str]], key: str) -> str | None:
+    values = query.get(key)
+    return values[0] if values else None
+
+
+def _int_or_none(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return max(0, int(value))
+    except ValueError:
+        return None
+
+
+def create_app(settings: Settings | None = None, **overrides: Any) -> NaviApp:
+    """Build the app from ``settings`` (default: the ``NAVI_*`` environment)."""
+    return NaviApp(settings if settings is not None else Settings.from_env(**overrides))

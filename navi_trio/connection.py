@@ -1,0 +1,347 @@
+"""One WebSocket connection: a nursery of a receiver, one writer and a heartbeat.
+
+- The **receiver** always drains ASGI ``receive()`` (hypercorn's reader stalls otherwise)
+  and is the only reliable disconnect signal (``websocket.disconnect``; STYLE P7, P10).
+- The **writer** is the only task that calls ``send()``, so frame order, and seq order,
+  is fixed by construction (P8). It reads the connection's bounded outbox, and when the
+  outbox is empty it catches up lagging subscriptions from their run's log (P9).
+- The **heartbeat** queues a ``heartbeat`` whenever nothing was sent for ``heartbeat_s``
+  (P11), on the writer's last-send time: no cancel scope per event.
+
+Whichever of them ends first ends the nursery, so no task outlives the connection. The
+runs this connection follows live in the server nursery and go on without it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+import structlog
+import trio
+
+from .errors import BadClientMessage, QueueFull, RunAlreadyActive, ShuttingDown
+from .events import HEARTBEAT, MERGE_MAX_CHARS, SESSION_SYNC, Event, encode, error_frame
+from .runs import IF_RUNNING, Run, RunRegistry, RunRequest, Subscriber
+
+if TYPE_CHECKING:
+    from .asgi_types import Receive, Send
+
+log = structlog.get_logger("navi_trio.connection")
+
+MAX_IMAGES: Final = 8
+MAX_IMAGE_BYTES: Final = 50 * 1024 * 1024
+EXPECTED_MESSAGE: Final = "Expected {type: 'message', content: '...'}"
+ALREADY_RUNNING: Final = "Agent is already running for this session."
+
+#: Close codes (CONTRACT section 3 and 7).
+CLOSE_NOT_FOUND: Final = 4004
+CLOSE_DENIED: Final = 4003
+CLOSE_RESTART: Final = 1012
+
+#: Queued items behind a delta before the writer merges deltas (a reader that is behind).
+MERGE_BACKLOG: Final = 8
+
+_conn_ids = itertools.count(1)
+
+#: What a connection's outbox carries: a run event (shared, encoded once), a ready frame
+#: (heartbeat, error answer, session_sync), or None to wake the writer.
+OutboxItem = Event | str | None
+
+
+class Connection:
+    """A subscriber connection: the :class:`~navi_trio.runs.Outbox` and
+    :class:`~navi_trio.runs.Follower` of its session's runs."""
+
+    def __init__(
+        self,
+        registry: RunRegistry,
+        session_id: str,
+        user_id: str | None,
+        send: Send,
+        receive: Receive,
+        *,
+        heartbeat_s: float,
+        outbox_size: int,
+    ) -> None:
+        self.id = next(_conn_ids)
+        self.registry = registry
+        self.session_id = session_id
+        self.user_id = user_id
+        self._send = send
+        self._receive = receive
+        self.heartbeat_s = heartbeat_s
+        self._outbox_send, self._outbox_recv = trio.open_memory_channel[OutboxItem](outbox_size)
+        self.lagging: deque[Subscriber] = deque()
+        self.subscriptions: list[Subscriber] = []
+        self.last_send = trio.current_time()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._nursery: trio.Nursery | None = None
+
+    # -- Outbox ------------------------------------------------------------------------
+    def offer(self, frame: OutboxItem) -> bool:
+        try:
+            self._outbox_send.send_nowait(frame)
+        except trio.WouldBlock:
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    def wake(self) -> None:
+        self.offer(None)  # None is "look at lagging and close", not a frame
+
+    # -- Follower ----------------------------------------------------------------------
+    def run_started(self, run: Run) -> None:
+        self._track(run.subscribe(self))
+
+    def request_close(self, code: int, reason: str) -> None:
+        """Close once everything queued and lagging has been written (or on cancel)."""
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+            self.wake()
+
+    def _track(self, sub: Subscriber) -> None:
+        self.subscriptions = [s for s in self.subscriptions if not s.run.settled or s.lagging]
+        self.subscriptions.append(sub)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def serve(self, resume_run_id: str | None = None, resume_after: int | None = None) -> None:
+        """Run the connection until the client leaves or a close is requested.
+
+        Cancellation: cancelling this (server shutdown past hypercorn's graceful timeout)
+        sends close code 1012 within a shielded, bounded scope, then lets ``Cancelled`` go on.
+
+        Resource handling: owns the outbox channel ends; unsubscribes from every run and
+        stops following the session on the way out, whatever ends it.
+        """
+        structlog.contextvars.bind_contextvars(conn_id=self.id, session_id=self.session_id)
+        log.debug("ws.open")
+        try:
+            with self._outbox_send, self._outbox_recv:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self._attach(resume_run_id, resume_after)
+                    nursery.start_soon(self._writer, name=f"ws-writer:{self.id}")
+                    nursery.start_soon(self._heartbeat, name=f"ws-heartbeat:{self.id}")
+                    await self._receiver()
+                    nursery.cancel_scope.cancel(reason="client disconnected")
+        except trio.Cancelled:
+            with trio.move_on_after(1.0, shield=True):
+                await self._send({"type": "websocket.close", "code": CLOSE_RESTART, "reason": "Server restarting"})
+            raise
+        finally:
+            self._detach()
+            log.debug("ws.closed")
+
+    def _attach(self, resume_run_id: str | None, resume_after: int | None) -> None:
+        """Follow the session and subscribe to its active run, in one synchronous step."""
+        run = self.registry.follow(self.session_id, self)
+        if self.registry.closing.is_set():
+            self.request_close(CLOSE_RESTART, "Server restarting")
+            return
+        if run is None:
+            self.offer(SESSION_SYNC)
+            return
+        if resume_run_id is not None and resume_run_id == run.id and resume_after:
+            self._track(run.subscribe(self, after=resume_after, replay=True))
+            return
+        if resume_run_id is not None and resume_run_id != run.id:
+            self.offer(SESSION_SYNC)  # the run they knew is over: reload history, then follow this one
+        self._track(run.subscribe(self, replay=True))
+
+    def _detach(self) -> None:
+        self.registry.unfollow(self.session_id, self)
+        for sub in self.subscriptions:
+            sub.run.unsubscribe(sub)
+        self.subscriptions.clear()
+        self.lagging.clear()
+
+    # -- the three tasks ---------------------------------------------------------------
+    async def _writer(self) -> None:
+        """The only task that calls ``send``. Ends after writing a requested close.
+
+        When at least ``MERGE_BACKLOG`` items piled up in the outbox while earlier frames
+        were being sent, the queued deltas of one kind are written as one merged frame
+        (with the seq of the last one): this reader is behind by exactly those events.
+        Nothing ever waits to make a batch.
+        """
+        send = self._send
+        recv = self._outbox_recv
+        lagging = self.lagging
+        pending: OutboxItem = None
+        item: OutboxItem
+        while True:
+            if pending is not None:
+                item, pending = pending, None
+            else:
+                try:
+                    item = recv.receive_nowait()
+                except trio.WouldBlock:
+                    if lagging:
+                        item = lagging[0].next_catch_up_frame()
+                        if item is None:
+                            lagging.popleft()
+                            continue
+                    elif self.close_code is not None:
+                        await send({"type": "websocket.close", "code": self.close_code, "reason": self.close_reason})
+                        assert self._nursery is not None
+                        self._nursery.cancel_scope.cancel(reason="close requested")
+                        return
+                    else:
+                        item = await recv.receive()
+            if item is None:
+                continue
+            if isinstance(item, str):
+                frame = item
+            elif item.delta is None or recv.statistics().current_buffer_used < MERGE_BACKLOG:
+                frame = item.wire
+            else:
+                frame, pending = _coalesce(item, recv)
+            await send({"type": "websocket.send", "text": frame})
+            self.last_send = trio.current_time()
+
+    async def _heartbeat(self) -> None:
+        hb = self.heartbeat_s
+        while True:
+            now = trio.current_time()
+            due = self.last_send + hb
+            if now >= due:
+                self.offer(HEARTBEAT)  # a full outbox means we are sending anyway
+                self.last_send = now
+                due = now + hb
+            await trio.sleep_until(due)
+
+    async def _receiver(self) -> None:
+        receive = self._receive
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                return
+            if kind != "websocket.receive":
+                continue
+            text = message.get("text")
+            if text is None:
+                raw = message.get("bytes") or b""
+                try:
+                    text = raw.decode()
+                except UnicodeDecodeError:
+                    await self._answer_error("Invalid JSON")
+                    continue
+            await self._handle(text)
+
+    # -- client messages ---------------------------------------------------------------
+    async def _answer_error(self, message: str) -> None:
+        await self._outbox_send.send(error_frame(message))
+
+    async def _handle(self, text: str) -> None:
+        try:
+            data = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            await self._answer_error("Invalid JSON")
+            return
+        if isinstance(data, dict) and data.get("type") == "stop":
+            run = self.registry.stop(self.session_id, "user")
+            if run is not None:
+                await run.done.wait()  # so a message sent right after the stop can start
+            return
+        try:
+            request, if_running = parse_message(data, self.session_id, self.user_id)
+            self.registry.submit(request, if_running)
+        except RunAlreadyActive:
+            await self._answer_error(ALREADY_RUNNING)
+        except (BadClientMessage, QueueFull, ShuttingDown) as exc:
+            await self._answer_error(str(exc))
+
+
+def _coalesce(first: Event, recv: trio.MemoryReceiveChannel[OutboxItem]) -> tuple[str, OutboxItem]:
+    """Merge ``first`` with the same-kind deltas queued right behind it.
+
+    Returns the frame and the first item that did not fit (to be written next), if any.
+    """
+    try:
+        nxt = recv.receive_nowait()
+    except trio.WouldBlock:
+        return first.wire, None
+    if type(nxt) is not Event or nxt.type != first.type or nxt.delta is None:
+        return first.wire, nxt
+    assert first.delta is not None
+    parts = [first.delta, nxt.delta]
+    size = len(first.delta) + len(nxt.delta)
+    last = nxt
+    pending: OutboxItem = None
+    while True:
+        try:
+            nxt = recv.receive_nowait()
+        except trio.WouldBlock:
+            break
+        if type(nxt) is not Event or nxt.type != first.type or nxt.delta is None or size > MERGE_MAX_CHARS:
+            pending = nxt
+            break
+        parts.append(nxt.delta)
+        size += len(nxt.delta)
+        last = nxt
+    return encode({"type": first.type, "seq": last.seq, "delta": "".join(parts)}), pending
+
+
+def parse_message(data: Any, session_id: str, user_id: str | None) -> tuple[RunRequest, str]:
+    """Validate a client ``message`` (CONTRACT section 3's bad-input table).
+
+    Raises :class:`BadClientMessage` whose text is the wire ``error.message``.
+    """
+    if not isinstance(data, dict) or data.get("type") != "message":
+        raise BadClientMessage(EXPECTED_MESSAGE)
+    content = data.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise BadClientMessage(EXPECTED_MESSAGE)
+    if_running = data.get("if_running", "reject")
+    if if_running is None:
+        if_running = "reject"
+    if if_running not in IF_RUNNING:
+        raise BadClientMessage("if_running must be 'reject', 'interrupt' or 'enqueue'.")
+    images = _parse_images(data.get("images"))
+    files = data.get("files")
+    agent_content = content
+    if images:
+        n = len(images)
+        noun = "image" if n == 1 else "images"
+        agent_content += f"\n\n[{n} {noun} attached inline — already in your context, no extra loading needed.]"
+    if files:
+        _check_files(files)
+    return RunRequest(session_id, user_id, agent_content, content, images), if_running
+
+
+def _parse_images(raw: Any) -> list[str]:
+    if raw is None or raw == []:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(i, str) for i in raw):
+        raise BadClientMessage("images must be a list of base64 strings or data: URLs.")
+    if len(raw) > MAX_IMAGES:
+        raise BadClientMessage(f"Too many images ({len(raw)}). Max {MAX_IMAGES} allowed.")
+    cleaned: list[str] = []
+    total = 0
+    for img in raw:
+        if img.startswith("data:") and "," in img:
+            img = img.split(",", 1)[1]
+        total += len(img)
+        if total > MAX_IMAGE_BYTES:
+            raise BadClientMessage("Total image payload exceeds 50 MB limit.")
+        cleaned.append(img)
+    return cleaned
+
+
+def _check_files(files: Any) -> None:
+    """Uploads are not implemented yet, so no file can be an upload of this session.
+    Nothing is read: the name is only echoed back (CONTRACT section 3)."""
+    if not isinstance(files, list):
+        raise BadClientMessage("files must be a list of {name, path} objects.")
+    for f in files:
+        name = f.get("name") if isinstance(f, dict) else None
+        if not isinstance(name, str):
+            raise BadClientMessage("files must be a list of {name, path} objects.")
+        raise BadClientMessage(f"File {name!r} is not an upload of this session.")

@@ -1,0 +1,460 @@
+"""Runs and the run registry: one run per session, each in its own ``CancelScope``.
+
+Runs live in the server-lifetime nursery opened by the lifespan task, never in a
+connection's nursery, so a client disconnect cannot cancel a run (STYLE P2, P3).
+
+A run's events go to its :class:`~navi_trio.events.RunLog` first (the source of truth),
+then to each subscriber's bounded outbox with ``send_nowait``. A subscriber whose outbox
+is full is marked *lagging* and skipped; its connection's writer catches it up from the
+log, merging deltas, then re-arms it (STYLE P9). The run never waits for a reader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+import structlog
+import trio
+
+from .errors import AgentError, QueueFull, RunAlreadyActive, ShuttingDown, StoreError
+from .events import REPLAY_END, SESSION_SYNC, Event, RunLog, count_frames, replay_start_frame
+from .store.base import Answer, NewRun, utc_now
+
+if TYPE_CHECKING:
+    from .agents.base import Agent
+    from .store.base import Store
+
+log = structlog.get_logger("navi_trio.runs")
+
+#: Answer status saved for each terminal event / stop reason.
+STATUS_FOR_REASON = {"user": "stopped", "deleted": "stopped", "shutdown": "interrupted"}
+IF_RUNNING = ("reject", "interrupt", "enqueue")
+
+
+@attrs.frozen
+class RunRequest:
+    """A validated user message, ready to become a run."""
+
+    session_id: str
+    user_id: str | None
+    content: str  # what the agent sees (notes for images and files appended)
+    original_content: str  # what the history shows as the user's message
+    images: list[str] = attrs.field(factory=list)
+
+
+class Outbox(Protocol):
+    """A connection's side of its subscriptions (implemented by ``Connection``)."""
+
+    lagging: deque[Subscriber]
+
+    def offer(self, frame: Event | str) -> bool:
+        """``send_nowait`` into the outbox; False when it is full (or gone)."""
+        ...
+
+    def wake(self) -> None:
+        """Make the writer look at ``lagging`` even if nothing else is queued."""
+        ...
+
+
+class Follower(Protocol):
+    """A connection following a session: it subscribes to every run of it."""
+
+    def run_started(self, run: Run) -> None: ...
+
+    def request_close(self, code: int, reason: str) -> None: ...
+
+
+@attrs.define(eq=False, slots=True)
+class Subscriber:
+    """One connection's place in one run.
+
+    ``queued`` is the seq of the last event handed to the outbox (or written during
+    catch-up). ``prelude`` holds replay frames to write first. ``sync_after`` asks for a
+    ``session_sync`` once the run is over and its answer saved.
+    """
+
+    run: Run
+    outbox: Outbox
+    queued: int = 0
+    lagging: bool = False
+    prelude: deque[str] = attrs.Factory(deque)
+    #: While replaying: the seq the replay ends at (``replay_end`` is written after it).
+    replay_until: int | None = None
+    sync_after: bool = False
+    synced: bool = False
+
+    def fall_behind(self) -> None:
+        if not self.lagging:
+            self.lagging = True
+            self.outbox.lagging.append(self)
+
+    def next_catch_up_frame(self) -> str | None:
+        """The next frame this lagging subscriber needs, or None once it is caught up
+        (it is then re-armed: live events reach it through the outbox again)."""
+        if self.prelude:
+            return self.prelude.popleft()
+        run = self.run
+        if self.replay_until is not None:
+            if self.queued < self.replay_until:
+                frame, self.queued = run.log.next_frame(self.queued, self.replay_until)
+                return frame
+            self.replay_until = None
+            return REPLAY_END
+        if self.queued < len(run.log.events):
+            frame, self.queued = run.log.next_frame(self.queued)
+            return frame
+        if run.settled and self.sync_after and not self.synced:
+            self.synced = True
+            return SESSION_SYNC
+        self.lagging = False
+        return None
+
+
+@attrs.define(eq=False)
+class Run:
+    """One agent turn. Implements the agent's :class:`~navi_trio.agents.base.RunContext`."""
+
+    request: RunRequest
+    id: str = attrs.Factory(lambda: uuid.uuid4().hex)
+    answer_id: str = attrs.Factory(lambda: uuid.uuid4().hex)
+    cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    subscribers: list[Subscriber] = attrs.Factory(list)
+    done: trio.Event = attrs.Factory(trio.Event)
+    stop_reason: str | None = None
+    #: True once the answer is saved (or its save gave up) and the run is deregistered.
+    settled: bool = False
+    log: RunLog = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.log = RunLog(self.id)
+
+    # -- RunContext --------------------------------------------------------------------
+    @property
+    def session_id(self) -> str:
+        return self.request.session_id
+
+    @property
+    def user_id(self) -> str | None:
+        return self.request.user_id
+
+    @property
+    def content(self) -> str:
+        return self.request.content
+
+    @property
+    def images(self) -> list[str]:
+        return self.request.images
+
+    def emit_thinking(self, delta: str) -> None:
+        self.publish(self.log.thinking_delta(delta))
+
+    def emit_thinking_end(self) -> None:
+        self.publish(self.log.thinking_end())
+
+    def emit_text(self, delta: str) -> None:
+        self.publish(self.log.text_delta(delta))
+
+    def emit_tool_started(self, tool: str, args: Any, *, is_subagent: bool = False) -> None:
+        self.publish(self.log.tool_started(tool, args, is_subagent=is_subagent))
+
+    def emit_tool_call(self, result: str, *, success: bool) -> None:
+        self.publish(self.log.tool_call(result, success=success))
+
+    def emit_context_compressed(self) -> None:
+        self.publish(self.log.context_compressed())
+
+    # -- fan-out -----------------------------------------------------------------------
+    def publish(self, events: list[Event]) -> None:
+        """Offer freshly logged events to every armed subscriber, never blocking.
+
+        The hot path: one ``send_nowait`` of a shared, already-encoded ``str`` per
+        subscriber per event. A full outbox makes that subscriber lagging.
+        """
+        for sub in self.subscribers:
+            if sub.lagging:
+                continue
+            offer = sub.outbox.offer
+            for ev in events:
+                if not offer(ev):
+                    sub.fall_behind()
+                    break
+                sub.queued = ev.seq
+
+    def cancel(self, reason: str) -> None:
+        """Stop the run (``scope.cancel()``); the first reason given wins."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.cancel_scope.cancel(reason=f"stop: {reason}")
+
+    def subscribe(self, outbox: Outbox, *, after: int | None = None, replay: bool = False) -> Subscriber:
+        """Add a subscriber. Synchronous, so nothing can slip in between what it is
+        given from the log and what it is sent live: no gap, no duplicate.
+
+        - ``replay=False``: a follower from the start (``after`` ignored; the run is new).
+        - ``replay=True, after=None``: attach: stream_start, replay_start, the rest, replay_end.
+        - ``replay=True, after=N``: resume: replay_start, the events with seq > N, replay_end.
+        """
+        sub = Subscriber(self, outbox)
+        if replay:
+            # The replay is merged like any catch-up; its frames are counted now and built
+            # from the log as they are written, so nothing is copied ahead of time.
+            events = self.log.events
+            n = len(events)
+            if after is None or after < 1:
+                sub.prelude.append(events[0].wire)
+                start = 1
+            else:
+                start = min(after, n)
+            sub.prelude.append(replay_start_frame(count_frames(events, start, n)))
+            sub.queued = start
+            sub.replay_until = n
+            sub.sync_after = True
+        if replay or outbox.lagging:
+            # Order across runs: a later run must not overtake an earlier one still catching up.
+            sub.fall_behind()
+            outbox.wake()
+        self.subscribers.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        with contextlib.suppress(ValueError):
+            self.subscribers.remove(sub)
+
+    def answer(self, status: str) -> Answer:
+        return Answer(
+            id=self.answer_id,
+            session_id=self.session_id,
+            status=status,
+            content=self.log.content,
+            thinking=self.log.thinking_text,
+            tool_calls=[t.as_dict() for t in self.log.tool_calls],
+        )
+
+
+class RunRegistry:
+    """The server's runs: at most one active run per session, plus a bounded queue.
+
+    Every method that decides whether a run starts is synchronous: check and register
+    happen with no checkpoint in between, so two messages cannot both start a run.
+    """
+
+    def __init__(
+        self,
+        server_nursery: trio.Nursery,
+        store: Store,
+        agent: Agent,
+        *,
+        save_timeout_s: float = 5.0,
+        max_queued_runs: int = 4,
+    ) -> None:
+        self._nursery = server_nursery
+        self.store = store
+        self._agent = agent
+        self._save_timeout_s = save_timeout_s
+        self._max_queued = max_queued_runs
+        self._active: dict[str, Run] = {}
+        self._queues: dict[str, deque[RunRequest]] = {}
+        self._followers: dict[str, set[Follower]] = {}
+        #: Set when shutdown begins: no new runs from then on.
+        self.closing = trio.Event()
+        #: Set once every run has ended after shutdown began.
+        self.closed = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # -- lookups -----------------------------------------------------------------------
+    def active(self, session_id: str) -> Run | None:
+        return self._active.get(session_id)
+
+    @property
+    def runs(self) -> list[Run]:
+        return list(self._active.values())
+
+    # -- followers ---------------------------------------------------------------------
+    def follow(self, session_id: str, follower: Follower) -> Run | None:
+        """Register a connection for every future run of the session; return the active
+        run (if any) so the caller can subscribe to it in the same synchronous step."""
+        self._followers.setdefault(session_id, set()).add(follower)
+        return self._active.get(session_id)
+
+    def unfollow(self, session_id: str, follower: Follower) -> None:
+        followers = self._followers.get(session_id)
+        if followers is not None:
+            followers.discard(follower)
+            if not followers:
+                del self._followers[session_id]
+
+    def followers(self, session_id: str) -> list[Follower]:
+        return list(self._followers.get(session_id, ()))
+
+    @property
+    def follower_count(self) -> int:
+        return sum(len(f) for f in self._followers.values())
+
+    # -- starting and stopping ---------------------------------------------------------
+    def submit(self, request: RunRequest, if_running: str = "reject") -> Run | None:
+        """Start a run for ``request`` now, or as ``if_running`` says when one is active.
+
+        Returns the new run, or None when the request was queued (``enqueue``, or
+        ``interrupt``: it starts as soon as the stopped run has ended).
+
+        Raises:
+            RunAlreadyActive: ``reject`` and a run is active.
+            QueueFull: ``enqueue`` and the session's queue is at its bound.
+            ShuttingDown: the server is draining.
+        """
+        if self.closing.is_set():
+            raise ShuttingDown("The server is shutting down; try again shortly.")
+        sid = request.session_id
+        active = self._active.get(sid)
+        if active is None:
+            return self._start(request)
+        if if_running == "interrupt":
+            self._queues.setdefault(sid, deque()).appendleft(request)
+            active.cancel("user")
+            return None
+        if if_running == "enqueue":
+            queue = self._queues.setdefault(sid, deque())
+            if len(queue) >= self._max_queued:
+                raise QueueFull(f"Too many queued messages for this session (max {self._max_queued}).")
+            queue.append(request)
+            return None
+        raise RunAlreadyActive(sid)
+
+    def _start(self, request: RunRequest) -> Run:
+        run = Run(request)
+        self._active[request.session_id] = run
+        self._idle = trio.Event()
+        for follower in self._followers.get(request.session_id, ()):
+            follower.run_started(run)
+        run.publish([run.log.start()])
+        self._nursery.start_soon(self._run_task, run, name=f"run:{run.id}")
+        return run
+
+    def stop(self, session_id: str, reason: str = "user") -> Run | None:
+        """Cancel the session's active run, if any (synchronous; await ``run.done``)."""
+        run = self._active.get(session_id)
+        if run is not None:
+            run.cancel(reason)
+        return run
+
+    def forget_session(self, session_id: str) -> None:
+        """Drop what was queued for a session that is being deleted."""
+        self._queues.pop(session_id, None)
+
+    # -- the run task ------------------------------------------------------------------
+    async def _run_task(self, run: Run) -> None:
+        """Play the agent inside the run's own cancel scope, then settle.
+
+        Cancellation: ``run.cancel()`` (stop, DELETE, drain) is caught by the run's scope and
+        gives ``stream_stopped`` with that reason. A cancel from outside (the server nursery
+        going away) also ends in ``stream_stopped`` with reason ``shutdown``, written in the
+        ``finally`` before the ``Cancelled`` goes on.
+
+        Error handling: no ``Exception`` leaves this task (STYLE P6); it becomes the terminal
+        ``error`` event and is logged.
+        """
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(session_id=run.session_id, run_id=run.id)
+        req = run.request
+        try:
+            with run.cancel_scope:
+                await self.store.begin_run(
+                    NewRun(req.session_id, uuid.uuid4().hex, req.original_content, run.answer_id, utc_now())
+                )
+                await self._agent.play(run)
+            if run.cancel_scope.cancelled_caught:
+                run.publish(run.log.stopped(run.stop_reason or "user"))
+            else:
+                run.publish(run.log.end())
+        except AgentError as exc:
+            log.info("run.agent_error", error=str(exc))
+            run.publish(run.log.error(str(exc)))
+        except StoreError as exc:
+            log.error("run.store_error", error=str(exc))
+            run.publish(run.log.error(f"Storage error: {exc}"))
+        except Exception:
+            log.exception("run.crashed")
+            run.publish(run.log.error("The agent failed unexpectedly; the error was logged."))
+        finally:
+            if not run.log.finished:  # cancelled from outside the run's own scope
+                run.stop_reason = run.stop_reason or "shutdown"
+                run.publish(run.log.stopped(run.stop_reason))
+            await self._settle(run)
+
+    async def _settle(self, run: Run) -> None:
+        """Save the answer (shielded, time-bounded), deregister, start what was queued."""
+        terminal = run.log.terminal
+        assert terminal is not None
+        if terminal.type == "stream_end":
+            status = "complete"
+        elif terminal.type == "error":
+            status = "error"
+        else:
+            status = STATUS_FOR_REASON.get(run.stop_reason or "user", "stopped")
+        with trio.move_on_after(self._save_timeout_s, shield=True) as save_scope:
+            try:
+                await self.store.save_answer(run.answer(status))
+            except StoreError as exc:
+                log.error("run.save_failed", error=str(exc))
+        if save_scope.cancelled_caught:
+            log.error("run.save_timed_out", timeout_s=self._save_timeout_s)
+        log.info("run.ended", status=status, last_seq=run.log.last_seq, reason=run.stop_reason)
+        self._finish(run)
+
+    def _finish(self, run: Run) -> None:
+        """Synchronous end of a run: deregister, tell re-attached readers to sync, then
+        start the session's next queued request (if any, and not shutting down)."""
+        sid = run.session_id
+        if self._active.get(sid) is run:
+            del self._active[sid]
+        run.settled = True
+        for sub in run.subscribers:
+            if sub.sync_after and not sub.lagging and not sub.synced:
+                if sub.outbox.offer(SESSION_SYNC):
+                    sub.synced = True
+                else:
+                    sub.fall_behind()
+        run.subscribers.clear()  # lagging readers keep the run through their Subscriber
+        run.done.set()
+        queue = self._queues.get(sid)
+        if queue:
+            request = queue.popleft()
+            if not queue:
+                del self._queues[sid]
+            if self.closing.is_set():
+                log.warning("run.queued_dropped_by_shutdown", session_id=sid)
+            else:
+                self._start(request)
+        if not self._active:
+            self._idle.set()
+
+    # -- shutdown ----------------------------------------------------------------------
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new runs, give active runs ``grace_s`` to finish, then stop the rest with
+        reason ``shutdown``; set :attr:`closed` when every run has ended and been saved.
+
+        Cancellation: if this task is cancelled, runs still get cancelled by the server
+        nursery going away, and each still writes its terminal event and saves.
+        """
+        self.closing.set()
+        self._queues.clear()
+        with trio.move_on_after(grace_s):
+            await self._idle.wait()
+        for run in self.runs:
+            run.cancel("shutdown")
+        with trio.move_on_after(self._save_timeout_s + 1.0):
+            await self._idle.wait()
+        self.closed.set()
+
+    def close_followers(self, session_id: str, code: int, reason: str) -> None:
+        for follower in self.followers(session_id):
+            follower.request_close(code, reason)
+
+    def close_all_followers(self, code: int, reason: str) -> None:
+        for session_id in list(self._followers):
+            self.close_followers(session_id, code, reason)

@@ -1,0 +1,95 @@
+"""Settings: every flag of ``navi-trio serve`` has a ``NAVI_*`` environment variable.
+
+Read once at start (never per event: the hot path takes plain attributes).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@attrs.frozen
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("./navi-data")
+    agent: str = "scripted"
+    auth: str = "optional"
+    store: str = "sqlite"
+    heartbeat_s: float = 20.0
+    grace_s: float = 10.0
+    #: Bound on the shielded cleanup of a run (terminal event + saving its answer).
+    save_timeout_s: float = 5.0
+    #: Frames a connection's outbox holds before its subscriptions switch to catch-up.
+    outbox_size: int = 64
+    #: Messages a session may hold with ``if_running: "enqueue"``.
+    max_queued_runs: int = 4
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``NAVI_*`` variables, then apply non-None ``overrides``.
+
+        Raises ``ValueError`` naming the variable for a value that does not parse.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            name = f"NAVI_{field.name.upper()}"
+            if name in env and env[name] != "":
+                raw = env[name]
+                try:
+                    values[field.name] = _convert(field.type, raw)
+                except ValueError:
+                    raise ValueError(f"{name}={raw!r} is not a valid value") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "auth" not in values or values["auth"] is None:
+            host = values.get("host", attrs.fields(cls).host.default)
+            values["auth"] = "optional" if _is_loopback(str(host)) else "required"
+        if "data_dir" in values:
+            values["data_dir"] = Path(values["data_dir"])
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.auth not in ("optional", "required"):
+            raise ValueError(f"auth must be 'optional' or 'required', not {self.auth!r}")
+        if self.store not in ("sqlite", "memory"):
+            raise ValueError(f"store must be 'sqlite' or 'memory', not {self.store!r}")
+        if self.agent not in ("scripted",):
+            raise ValueError(f"unknown agent {self.agent!r} (available: scripted)")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port {self.port} out of range")
+        for name in ("heartbeat_s", "grace_s", "save_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.outbox_size < 1 or self.max_queued_runs < 0:
+            raise ValueError("outbox_size must be >= 1 and max_queued_runs >= 0")
+
+
+def _convert(type_: Any, raw: str) -> Any:
+    t = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
+    if t == "int":
+        return int(raw)
+    if t == "float":
+        return float(raw)
+    if t == "Path":
+        return Path(raw)
+    return raw

@@ -1,0 +1,96 @@
+"""The store interface: what the run lifecycle and the HTTP routes need, nothing more.
+
+Every method is async and never blocks the event loop. A store raises
+:class:`~navi_trio.errors.StoreError` for a storage fault, with a message that says
+what failed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Protocol
+
+import attrs
+
+
+def utc_now() -> str:
+    """ISO 8601 UTC timestamp with milliseconds, as sessions and messages carry it."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@attrs.frozen
+class SessionRecord:
+    id: str
+    title: str
+    user_id: str | None
+    created_at: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "title": self.title, "user_id": self.user_id, "created_at": self.created_at}
+
+
+@attrs.frozen
+class MessageRecord:
+    id: str
+    role: str
+    content: str
+    created_at: str
+    status: str
+    thinking: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "id": self.id,
+            "role": self.role,
+            "content": self.content,
+            "created_at": self.created_at,
+            "status": self.status,
+        }
+        if self.role == "assistant":
+            d["thinking"] = self.thinking or ""
+            d["tool_calls"] = self.tool_calls or []
+        return d
+
+
+@attrs.frozen
+class NewRun:
+    """What is saved when a run starts: the user's message and the answer's id."""
+
+    session_id: str
+    user_message_id: str
+    user_content: str
+    answer_id: str
+    created_at: str
+
+
+@attrs.frozen
+class Answer:
+    """An assistant answer as saved when its run ends (or checkpointed while it runs)."""
+
+    id: str
+    session_id: str
+    status: str  # complete | stopped | error | interrupted | running
+    content: str
+    thinking: str
+    tool_calls: list[dict[str, Any]]
+
+
+class Store(Protocol):
+    async def create_session(self, session_id: str, title: str, user_id: str | None) -> SessionRecord: ...
+
+    async def get_session(self, session_id: str) -> SessionRecord | None: ...
+
+    async def list_sessions(self, user_id: str | None, *, everyone: bool = False) -> list[SessionRecord]: ...
+
+    async def delete_session(self, session_id: str) -> bool: ...
+
+    async def list_messages(self, session_id: str) -> list[MessageRecord]: ...
+
+    async def begin_run(self, new_run: NewRun) -> None:
+        """Save the user's message and an answer with status ``running``."""
+
+    async def save_answer(self, answer: Answer) -> None:
+        """Write the answer's current state (final status, or ``running`` for a checkpoint)."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,64 @@
+"""An in-process store: the same interface as SQLite, kept in dicts.
+
+For tests in virtual time (a store in a worker thread would let ``autojump_clock`` leap
+ahead, see STYLE 4.5) and for throw-away demos (``NAVI_STORE=memory``).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from .base import Answer, MessageRecord, NewRun, SessionRecord, utc_now
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.sessions: dict[str, SessionRecord] = {}
+        self.messages: dict[str, list[MessageRecord]] = {}
+
+    async def create_session(self, session_id: str, title: str, user_id: str | None) -> SessionRecord:
+        await trio.lowlevel.checkpoint()
+        rec = SessionRecord(session_id, title, user_id, utc_now())
+        self.sessions[session_id] = rec
+        self.messages[session_id] = []
+        return rec
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        await trio.lowlevel.checkpoint()
+        return self.sessions.get(session_id)
+
+    async def list_sessions(self, user_id: str | None, *, everyone: bool = False) -> list[SessionRecord]:
+        await trio.lowlevel.checkpoint()
+        return [s for s in self.sessions.values() if everyone or s.user_id == user_id]
+
+    async def delete_session(self, session_id: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        self.messages.pop(session_id, None)
+        return self.sessions.pop(session_id, None) is not None
+
+    async def list_messages(self, session_id: str) -> list[MessageRecord]:
+        await trio.lowlevel.checkpoint()
+        return [m for m in self.messages.get(session_id, []) if m.status != "running"]
+
+    async def begin_run(self, new_run: NewRun) -> None:
+        await trio.lowlevel.checkpoint()
+        msgs = self.messages.setdefault(new_run.session_id, [])
+        msgs.append(
+            MessageRecord(new_run.user_message_id, "user", new_run.user_content, new_run.created_at, "complete")
+        )
+        msgs.append(MessageRecord(new_run.answer_id, "assistant", "", new_run.created_at, "running", "", []))
+
+    async def save_answer(self, answer: Answer) -> None:
+        await trio.lowlevel.checkpoint()
+        msgs = self.messages.get(answer.session_id)
+        if msgs is None:  # the session was deleted meanwhile
+            return
+        for i, m in enumerate(msgs):
+            if m.id == answer.id:
+                msgs[i] = MessageRecord(
+                    m.id, "assistant", answer.content, m.created_at, answer.status, answer.thinking, answer.tool_calls
+                )
+                return
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,182 @@
+"""SQLite store: one connection, driven from worker threads, one call at a time.
+
+Why threads: sqlite3 blocks, and no blocking call may run on the event loop. Calls go
+through ``trio.to_thread.run_sync`` with a ``CapacityLimiter(1)`` (one connection,
+strictly serialized; ``check_same_thread=False`` because trio may pick any worker
+thread). ``abandon_on_cancel=True``: a caller's time bound (the shielded
+``move_on_after`` of a run's cleanup) is honoured even if SQLite is stuck on a lock; the
+abandoned call still holds the limiter until it finishes, so nothing overlaps.
+``busy_timeout`` bounds how long SQLite itself waits on a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from ..errors import StoreError
+from .base import Answer, MessageRecord, NewRun, SessionRecord, utc_now
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    user_id TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    ord INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    thinking TEXT,
+    tool_calls TEXT,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_session ON messages(session_id, ord);
+"""
+
+
+class SqliteStore:
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self._path = path
+        self._limiter = trio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteStore:
+        """Open (creating) the database at ``path``. Raises :class:`StoreError`."""
+
+        def _open() -> sqlite3.Connection:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout = 2000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.executescript(SCHEMA)
+            return conn
+
+        try:
+            conn = await trio.to_thread.run_sync(_open)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        return cls(conn, path)
+
+    async def _call(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def work() -> T:
+            try:
+                return fn(self._conn)
+            except sqlite3.Error:
+                if self._conn.in_transaction:
+                    self._conn.rollback()
+                raise
+
+        try:
+            return await trio.to_thread.run_sync(work, limiter=self._limiter, abandon_on_cancel=True)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"database error while {what}: {exc}") from exc
+
+    async def create_session(self, session_id: str, title: str, user_id: str | None) -> SessionRecord:
+        rec = SessionRecord(session_id, title, user_id, utc_now())
+
+        def q(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO sessions (id, title, user_id, created_at) VALUES (?, ?, ?, ?)",
+                (rec.id, rec.title, rec.user_id, rec.created_at),
+            )
+
+        await self._call("creating a session", q)
+        return rec
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        def q(c: sqlite3.Connection) -> SessionRecord | None:
+            row = c.execute(
+                "SELECT id, title, user_id, created_at FROM sessions WHERE id = ?", (session_id,)
+            ).fetchone()
+            return SessionRecord(*row) if row else None
+
+        return await self._call("reading a session", q)
+
+    async def list_sessions(self, user_id: str | None, *, everyone: bool = False) -> list[SessionRecord]:
+        def q(c: sqlite3.Connection) -> list[SessionRecord]:
+            if everyone:
+                rows = c.execute("SELECT id, title, user_id, created_at FROM sessions ORDER BY created_at, id")
+            elif user_id is None:
+                rows = c.execute(
+                    "SELECT id, title, user_id, created_at FROM sessions WHERE user_id IS NULL ORDER BY created_at, id"
+                )
+            else:
+                rows = c.execute(
+                    "SELECT id, title, user_id, created_at FROM sessions WHERE user_id = ? ORDER BY created_at, id",
+                    (user_id,),
+                )
+            return [SessionRecord(*r) for r in rows.fetchall()]
+
+        return await self._call("listing sessions", q)
+
+    async def delete_session(self, session_id: str) -> bool:
+        def q(c: sqlite3.Connection) -> bool:
+            with c:
+                c.execute("BEGIN")
+                c.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+                cur = c.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            return cur.rowcount > 0
+
+        return await self._call("deleting a session", q)
+
+    async def list_messages(self, session_id: str) -> list[MessageRecord]:
+        def q(c: sqlite3.Connection) -> list[MessageRecord]:
+            rows = c.execute(
+                "SELECT id, role, content, created_at, status, thinking, tool_calls FROM messages"
+                " WHERE session_id = ? AND status != 'running' ORDER BY ord",
+                (session_id,),
+            ).fetchall()
+            return [MessageRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None) for r in rows]
+
+        return await self._call("listing messages", q)
+
+    async def begin_run(self, new_run: NewRun) -> None:
+        def q(c: sqlite3.Connection) -> None:
+            with c:
+                c.execute("BEGIN")
+                (ord_,) = c.execute(
+                    "SELECT COALESCE(MAX(ord), 0) FROM messages WHERE session_id = ?", (new_run.session_id,)
+                ).fetchone()
+                c.execute(
+                    "INSERT INTO messages (id, session_id, ord, role, content, status, created_at)"
+                    " VALUES (?, ?, ?, 'user', ?, 'complete', ?)",
+                    (new_run.user_message_id, new_run.session_id, ord_ + 1, new_run.user_content, new_run.created_at),
+                )
+                c.execute(
+                    "INSERT INTO messages"
+                    " (id, session_id, ord, role, content, thinking, tool_calls, status, created_at)"
+                    " VALUES (?, ?, ?, 'assistant', '', '', '[]', 'running', ?)",
+                    (new_run.answer_id, new_run.session_id, ord_ + 2, new_run.created_at),
+                )
+
+        await self._call("saving the user's message", q)
+
+    async def save_answer(self, answer: Answer) -> None:
+        tool_calls = json.dumps(answer.tool_calls)
+
+        def q(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE messages SET content = ?, thinking = ?, tool_calls = ?, status = ? WHERE id = ?",
+                (answer.content, answer.thinking, tool_calls, answer.status, answer.id),
+            )
+
+        await self._call("saving the answer", q)
+
+    def close(self) -> None:
+        """Close the connection. Synchronous and quick: safe in a cancelled ``finally``."""
+        self._conn.close()
