@@ -129,8 +129,16 @@ class RunLog:
             self.terminal = event
         return event
 
+    def _check_open(self, type_: str) -> None:
+        """Refuse an append before any state changes, so a rejected event leaves no trace."""
+        if self.terminal is not None:
+            raise GrammarError(f"run {self.run_id} already ended; cannot append {type_}")
+        if not self.events:
+            raise GrammarError("the first event of a run is stream_start")
+
     def _body_event(self, type_: str) -> list[Event]:
         """Checks shared by every non-terminal event after stream_start."""
+        self._check_open(type_)
         if self._open_tool is not None:
             raise GrammarError(f"{type_} while tool {self._open_tool[0]!r} is running")
         out: list[Event] = []
@@ -155,6 +163,7 @@ class RunLog:
         return out
 
     def thinking_end(self) -> list[Event]:
+        self._check_open("thinking_end")
         if not self._thinking_open:
             return []
         return [self._end_thinking()]
@@ -172,6 +181,7 @@ class RunLog:
         return out
 
     def tool_call(self, result: str, *, success: bool) -> list[Event]:
+        self._check_open("tool_call")
         if self._open_tool is None:
             raise GrammarError("tool_call without tool_started")
         tool, args, is_subagent = self._open_tool

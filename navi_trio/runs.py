@@ -185,8 +185,9 @@ class Run:
                 sub.queued = ev.seq
 
     def cancel(self, reason: str) -> None:
-        """Stop the run (``scope.cancel()``); the first reason given wins."""
-        if self.stop_reason is None:
+        """Stop the run (``scope.cancel()``); the first reason given wins, and a run that
+        already wrote its terminal event keeps the reason it ended with."""
+        if self.stop_reason is None and not self.log.finished:
             self.stop_reason = reason
         self.cancel_scope.cancel(reason=f"stop: {reason}")
 
@@ -313,15 +314,15 @@ class RunRegistry:
         active = self._active.get(sid)
         if active is None:
             return self._start(request)
-        if if_running == "interrupt":
-            self._queues.setdefault(sid, deque()).appendleft(request)
-            active.cancel("user")
-            return None
-        if if_running == "enqueue":
+        if if_running in ("interrupt", "enqueue"):
             queue = self._queues.setdefault(sid, deque())
             if len(queue) >= self._max_queued:
                 raise QueueFull(f"Too many queued messages for this session (max {self._max_queued}).")
-            queue.append(request)
+            if if_running == "enqueue":
+                queue.append(request)
+            else:  # runs next, as soon as the active run has ended
+                queue.appendleft(request)
+                active.cancel("user")
             return None
         raise RunAlreadyActive(sid)
 
@@ -362,10 +363,15 @@ class RunRegistry:
         structlog.contextvars.bind_contextvars(session_id=run.session_id, run_id=run.id)
         req = run.request
         try:
-            with run.cancel_scope:
+            # The user's message is saved even if a stop lands at once: shielded, bounded.
+            with trio.move_on_after(self._save_timeout_s, shield=True) as begin_scope:
                 await self.store.begin_run(
                     NewRun(req.session_id, uuid.uuid4().hex, req.original_content, run.answer_id, utc_now())
                 )
+            if begin_scope.cancelled_caught:
+                raise StoreError("timed out saving the user's message")
+            with run.cancel_scope:
+                await trio.lowlevel.checkpoint_if_cancelled()  # stopped while saving: play nothing
                 await self._agent.play(run)
             if run.cancel_scope.cancelled_caught:
                 run.publish(run.log.stopped(run.stop_reason or "user"))

@@ -1,0 +1,27 @@
+# navi-trio tasks. `just --list` shows them.
+venv := ".venv"
+py := venv / "bin/python"
+
+# create the venv and install the package with test and lint extras
+install:
+    test -x {{py}} || python3 -m venv {{venv}}
+    {{py}} -m pip install -q -e '.[test,lint]'
+
+# serve on 127.0.0.1:8000 (any flag of `navi-trio serve` can follow)
+serve *ARGS: install
+    {{venv}}/bin/navi-trio serve {{ARGS}}
+
+# the test suite (the README's test command)
+test *ARGS: install
+    {{py}} -m pytest -q {{ARGS}}
+
+# ruff (with the ASYNC rules), flake8-async, mypy --strict
+lint: install
+    {{venv}}/bin/ruff check navi_trio tests
+    {{venv}}/bin/ruff format --check navi_trio tests
+    {{venv}}/bin/flake8-async $(find navi_trio -name "*.py")
+    {{venv}}/bin/mypy
+
+# compare navi-trio with the seed's asyncio baseline (../shared/bench/compare.py)
+bench *ARGS: install
+    {{py}} bench/compare.py {{ARGS}}
