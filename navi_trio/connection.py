@@ -43,6 +43,7 @@ CLOSE_RESTART: Final = 1012
 
 #: Queued items behind a delta before the writer merges deltas (a reader that is behind).
 MERGE_BACKLOG: Final = 8
+MAX_PENDING_ANSWERS: Final = 32
 
 _conn_ids = itertools.count(1)
 
@@ -75,6 +76,9 @@ class Connection:
         self.heartbeat_s = heartbeat_s
         self._outbox_send, self._outbox_recv = trio.open_memory_channel[OutboxItem](outbox_size)
         self.lagging: deque[Subscriber] = deque()
+        #: Answers to client messages: never block the receiver on a full outbox. Bounded:
+        #: a client that floods bad messages and never reads loses the oldest answers.
+        self._answers: deque[str] = deque(maxlen=MAX_PENDING_ANSWERS)
         self.subscriptions: list[Subscriber] = []
         self.last_send = trio.current_time()
         self.close_code: int | None = None
@@ -173,10 +177,13 @@ class Connection:
         send = self._send
         recv = self._outbox_recv
         lagging = self.lagging
+        answers = self._answers
         pending: OutboxItem = None
         item: OutboxItem
         while True:
-            if pending is not None:
+            if answers:
+                item = answers.popleft()
+            elif pending is not None:
                 item, pending = pending, None
             else:
                 try:
@@ -237,7 +244,9 @@ class Connection:
 
     # -- client messages ---------------------------------------------------------------
     async def _answer_error(self, message: str) -> None:
-        await self._outbox_send.send(error_frame(message))
+        self._answers.append(error_frame(message))
+        self.wake()
+        await trio.lowlevel.checkpoint()
 
     async def _handle(self, text: str) -> None:
         try:

@@ -18,13 +18,13 @@ from urllib.parse import urlsplit
 import attrs
 import httpx
 import trio
-from hypercorn.config import Config
 from hypercorn.trio import serve
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from navi_trio.app import NaviApp
 from navi_trio.events import TERMINAL_TYPES, check_grammar
 from navi_trio.runs import RunRegistry
+from navi_trio.server import hypercorn_config
 from navi_trio.settings import Settings
 
 
@@ -159,14 +159,17 @@ async def open_server(settings: Settings | None = None, **overrides: Any) -> Asy
     have ended.
     """
     if settings is None:
-        values: dict[str, Any] = {"store": "memory", "grace_s": 1.0, "save_timeout_s": 2.0, "port": 0}
+        values: dict[str, Any] = {
+            "store": "memory",
+            "grace_s": 1.0,
+            "save_timeout_s": 2.0,
+            "port": 0,
+            "host": "127.0.0.1",
+        }
         values.update(overrides)
         settings = Settings.from_env({}, **values)
     app = NaviApp(settings)
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.graceful_timeout = settings.grace_s + settings.save_timeout_s + 2.0
-    config.accesslog = None
+    config = hypercorn_config(settings)  # the same socket and limits as `navi-trio serve`
     config.errorlog = None
     stop = trio.Event()
 
