@@ -46,6 +46,15 @@ class RunRequest:
     images: list[str] = attrs.field(factory=list)
 
 
+@attrs.frozen
+class Queued:
+    """A request waiting for the session's active run to end."""
+
+    request: RunRequest
+    #: Sent with ``if_running: "interrupt"``: it stops whatever runs before it.
+    interrupted: bool = False
+
+
 class Outbox(Protocol):
     """A connection's side of its subscriptions (implemented by ``Connection``)."""
 
@@ -144,6 +153,10 @@ class Run:
     @property
     def content(self) -> str:
         return self.request.content
+
+    @property
+    def user_message(self) -> str:
+        return self.request.original_content
 
     @property
     def images(self) -> list[str]:
@@ -258,7 +271,7 @@ class RunRegistry:
         self._save_timeout_s = save_timeout_s
         self._max_queued = max_queued_runs
         self._active: dict[str, Run] = {}
-        self._queues: dict[str, deque[RunRequest]] = {}
+        self._queues: dict[str, deque[Queued]] = {}
         self._followers: dict[str, set[Follower]] = {}
         #: Set when shutdown begins: no new runs from then on.
         self.closing = trio.Event()
@@ -314,17 +327,29 @@ class RunRegistry:
         active = self._active.get(sid)
         if active is None:
             return self._start(request)
-        if if_running in ("interrupt", "enqueue"):
-            queue = self._queues.setdefault(sid, deque())
-            if len(queue) >= self._max_queued:
-                raise QueueFull(f"Too many queued messages for this session (max {self._max_queued}).")
-            if if_running == "enqueue":
-                queue.append(request)
-            else:  # runs next, as soon as the active run has ended
-                queue.appendleft(request)
-                active.cancel("user")
+        queue = self._queues.setdefault(sid, deque())
+        if active.log.finished and not queue:
+            # The active run has written its terminal event and is only saving its answer:
+            # to the client it is over, so this message starts as soon as the save is done.
+            queue.append(Queued(request))
             return None
-        raise RunAlreadyActive(sid)
+        if if_running == "reject":
+            if not queue:
+                del self._queues[sid]
+            raise RunAlreadyActive(sid)
+        if len(queue) >= self._max_queued:
+            raise QueueFull(f"Too many queued messages for this session (max {self._max_queued}).")
+        if if_running == "enqueue":
+            queue.append(Queued(request))
+        else:
+            # interrupt: stop what runs and go next, behind interrupts already waiting (each
+            # of those will start and be stopped in turn, so every message keeps its place).
+            at = 0
+            while at < len(queue) and queue[at].interrupted:
+                at += 1
+            queue.insert(at, Queued(request, interrupted=True))
+            active.cancel("user")
+        return None
 
     def _start(self, request: RunRequest) -> Run:
         run = Run(request)
@@ -390,10 +415,17 @@ class RunRegistry:
             if not run.log.finished:  # cancelled from outside the run's own scope
                 run.stop_reason = run.stop_reason or "shutdown"
                 run.publish(run.log.stopped(run.stop_reason))
-            await self._settle(run)
+            with trio.move_on_after(self._save_timeout_s, shield=True) as save_scope:
+                await self._save(run)
+            if save_scope.cancelled_caught:
+                log.error("run.save_timed_out", timeout_s=self._save_timeout_s)
+            self._finish(run)
 
-    async def _settle(self, run: Run) -> None:
-        """Save the answer (shielded, time-bounded), deregister, start what was queued."""
+    async def _save(self, run: Run) -> None:
+        """Save the answer with the status its terminal event gives; log a store fault.
+
+        Cancellation: called only inside the shielded, time-bounded scope of ``_run_task``.
+        """
         terminal = run.log.terminal
         assert terminal is not None
         if terminal.type == "stream_end":
@@ -402,15 +434,11 @@ class RunRegistry:
             status = "error"
         else:
             status = STATUS_FOR_REASON.get(run.stop_reason or "user", "stopped")
-        with trio.move_on_after(self._save_timeout_s, shield=True) as save_scope:
-            try:
-                await self.store.save_answer(run.answer(status))
-            except StoreError as exc:
-                log.error("run.save_failed", error=str(exc))
-        if save_scope.cancelled_caught:
-            log.error("run.save_timed_out", timeout_s=self._save_timeout_s)
+        try:
+            await self.store.save_answer(run.answer(status))
+        except StoreError as exc:
+            log.error("run.save_failed", error=str(exc))
         log.info("run.ended", status=status, last_seq=run.log.last_seq, reason=run.stop_reason)
-        self._finish(run)
 
     def _finish(self, run: Run) -> None:
         """Synchronous end of a run: deregister, tell re-attached readers to sync, then
@@ -429,13 +457,15 @@ class RunRegistry:
         run.done.set()
         queue = self._queues.get(sid)
         if queue:
-            request = queue.popleft()
+            nxt = queue.popleft()
             if not queue:
                 del self._queues[sid]
             if self.closing.is_set():
                 log.warning("run.queued_dropped_by_shutdown", session_id=sid)
             else:
-                self._start(request)
+                started = self._start(nxt.request)
+                if queue and queue[0].interrupted:
+                    started.cancel("user")  # a later message already interrupted this one
         if not self._active:
             self._idle.set()
 

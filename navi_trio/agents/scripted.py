@@ -35,7 +35,7 @@ class ScriptedAgent:
         self._tool_threads = trio.CapacityLimiter(64)
 
     async def play(self, ctx: RunContext) -> None:
-        steps = parse_script(ctx.content)
+        steps = parse_script(ctx.user_message)  # the notes on images/files are not part of it
         if steps is None:
             await self._demo(ctx)
             return
