@@ -123,8 +123,8 @@ class Connection:
         Resource handling: owns the outbox channel ends; unsubscribes from every run and
         stops following the session on the way out, whatever ends it.
         """
-        structlog.contextvars.bind_contextvars(conn_id=self.id, session_id=self.session_id)
-        log.debug("ws.open")
+        structlog.contextvars.bind_contextvars(conn_id=self.id, session_id=self.session_id, user_id=self.user_id)
+        log.info("ws.open")
         try:
             with self._outbox_send, self._outbox_recv:
                 async with trio.open_nursery() as nursery:
@@ -140,7 +140,7 @@ class Connection:
             raise
         finally:
             self._detach()
-            log.debug("ws.closed")
+            log.info("ws.closed")
 
     def _attach(self, resume_run_id: str | None, resume_after: int | None) -> None:
         """Follow the session and subscribe to its active run, in one synchronous step."""
@@ -260,7 +260,7 @@ class Connection:
                 await run.done.wait()  # so a message sent right after the stop can start
             return
         try:
-            request, if_running = parse_message(data, self.session_id, self.user_id)
+            request, if_running = parse_message(data, self.session_id, self.user_id, self.id)
             self.registry.submit(request, if_running)
         except RunAlreadyActive:
             await self._answer_error(ALREADY_RUNNING)
@@ -298,7 +298,9 @@ def _coalesce(first: Event, recv: trio.MemoryReceiveChannel[OutboxItem]) -> tupl
     return encode({"type": first.type, "seq": last.seq, "delta": "".join(parts)}), pending
 
 
-def parse_message(data: Any, session_id: str, user_id: str | None) -> tuple[RunRequest, str]:
+def parse_message(
+    data: Any, session_id: str, user_id: str | None, conn_id: int | None = None
+) -> tuple[RunRequest, str]:
     """Validate a client ``message`` (CONTRACT section 3's bad-input table).
 
     Raises :class:`BadClientMessage` whose text is the wire ``error.message``.
@@ -322,7 +324,7 @@ def parse_message(data: Any, session_id: str, user_id: str | None) -> tuple[RunR
         agent_content += f"\n\n[{n} {noun} attached inline — already in your context, no extra loading needed.]"
     if files:
         _check_files(files)
-    return RunRequest(session_id, user_id, agent_content, content, images), if_running
+    return RunRequest(session_id, user_id, agent_content, content, images, conn_id), if_running
 
 
 def _parse_images(raw: Any) -> list[str]:

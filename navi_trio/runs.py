@@ -44,6 +44,8 @@ class RunRequest:
     content: str  # what the agent sees (notes for images and files appended)
     original_content: str  # what the history shows as the user's message
     images: list[str] = attrs.field(factory=list)
+    #: The connection the message came from (for the log: a run outlives it).
+    conn_id: int | None = None
 
 
 @attrs.frozen
@@ -385,8 +387,11 @@ class RunRegistry:
         ``error`` event and is logged.
         """
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(session_id=run.session_id, run_id=run.id)
+        structlog.contextvars.bind_contextvars(
+            session_id=run.session_id, run_id=run.id, conn_id=run.request.conn_id, user_id=run.user_id
+        )
         req = run.request
+        log.info("run.started")
         try:
             # The user's message is saved even if a stop lands at once: shielded, bounded.
             with trio.move_on_after(self._save_timeout_s, shield=True) as begin_scope:
