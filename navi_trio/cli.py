@@ -52,10 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_format, settings.log_level)
         from .server import serve
 
-        try:
-            trio.run(partial(serve, settings))
-        except KeyboardInterrupt:  # a second Ctrl-C: exit at once
-            return 130
+        trio.run(partial(serve, settings))
     return 0
 
 

@@ -134,7 +134,9 @@ class Connection:
                     nursery.start_soon(self._heartbeat, name=f"ws-heartbeat:{self.id}")
                     await self._receiver()
                     nursery.cancel_scope.cancel(reason="client disconnected")
-        except trio.Cancelled:
+        except* trio.Cancelled:
+            # Cancelled from outside (hypercorn's graceful timeout ran out): say 1012, not 1006.
+            # The nursery delivers the Cancelled inside a group, hence except*.
             with trio.move_on_after(1.0, shield=True):
                 await self._send({"type": "websocket.close", "code": CLOSE_RESTART, "reason": "Server restarting"})
             raise

@@ -2,16 +2,15 @@
 
 Our shutdown trigger hears SIGINT/SIGTERM first, tells the app to drain (runs get
 ``grace_s``, then stop with reason ``shutdown``, then every WebSocket closes with 1012),
-and returns, so hypercorn stops accepting at once. A second Ctrl-C exits immediately:
-once the signal receiver is closed, trio's own KeyboardInterrupt handling is back.
+and returns, so hypercorn stops accepting at once. A second signal exits immediately.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
-from functools import partial
 from typing import TextIO
 
 import structlog
@@ -61,31 +60,48 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
-async def wait_for_signal(app: NaviApp) -> None:
-    """The shutdown trigger: return on the first SIGINT/SIGTERM, telling the app first."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("server.signal", signal=signal.Signals(signum).name)
-            break
-    app.begin_shutdown()
-
-
 async def serve(
     settings: Settings,
     *,
     out: TextIO = sys.stdout,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGINT/SIGTERM; print the URL (with the real port) once listening."""
+    """Serve until SIGINT/SIGTERM; print the URL (with the real port) once listening.
+
+    The signal receiver is open before the socket listens and stays open to the end, so
+    no signal can land in an arbitrary task as ``KeyboardInterrupt`` (STYLE P13). The
+    first signal starts the graceful drain; a second one exits the process at once
+    (status 130): the operator asked for it, and SQLite's WAL keeps the file sound.
+    """
     app = NaviApp(settings)
     try:
         config = hypercorn_config(settings)
     except OSError as exc:
         raise SystemExit(f"navi-trio: cannot listen on {settings.host}:{settings.port}: {exc}") from None
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(
-            partial(hypercorn_serve, app, config, shutdown_trigger=partial(wait_for_signal, app)),  # type: ignore[arg-type]
-        )
-        for url in binds:
-            print(f"navi-trio listening on {url}", file=out, flush=True)
-        task_status.started(binds)
+    first_signal = trio.Event()
+
+    async def shutdown_trigger() -> None:
+        await first_signal.wait()
+        app.begin_shutdown()  # tell the app first; returning stops hypercorn accepting
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            # hypercorn_serve calls task_status.started(binds) itself.
+            async def serve_then_stop(*, task_status: trio.TaskStatus[list[str]]) -> None:  # noqa: ASYNC114, ASYNC128
+                await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)  # type: ignore[arg-type]
+                nursery.cancel_scope.cancel(reason="server stopped")
+
+            binds: list[str] = await nursery.start(serve_then_stop)
+            for url in binds:
+                print(f"navi-trio listening on {url}", file=out, flush=True)
+            task_status.started(binds)
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not first_signal.is_set():
+                    log.info("server.signal", signal=name)
+                    first_signal.set()
+                else:
+                    log.warning("server.exit_now", signal=name)
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(130)
