@@ -8,6 +8,7 @@ its own isolated server (STYLE P2, anti-pattern 15).
 from __future__ import annotations
 
 import re
+import signal
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
@@ -43,9 +44,12 @@ class Services:
 class NaviApp:
     """The ASGI callable. ``begin_shutdown()`` is how a shutdown trigger tells it first."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, watch_signals: bool = False) -> None:
         self.settings = settings
         self.services: Services | None = None
+        #: Under hypercorn's own CLI nothing tells the app that shutdown began before its
+        #: connections are cancelled, so the app listens for SIGINT/SIGTERM itself.
+        self._watch_signals = watch_signals
         self._shutdown_requested = trio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -80,10 +84,16 @@ class NaviApp:
                     save_timeout_s=settings.save_timeout_s,
                     max_queued_runs=settings.max_queued_runs,
                 )
+                recovered = await store.recover_interrupted()
+                if recovered:
+                    log.warning("store.recovered_interrupted_answers", count=recovered)
+                server_nursery.start_soon(registry.serve_checkpoints, settings.checkpoint_s)
                 services = Services(settings, registry)
                 scope["state"][STATE_KEY] = services
                 self.services = services
                 server_nursery.start_soon(self._drain_on_request, registry)
+                if self._watch_signals:
+                    server_nursery.start_soon(self._begin_shutdown_on_signal)
                 log.info("server.started", store=settings.store, agent=settings.agent, auth=settings.auth)
                 await send({"type": "lifespan.startup.complete"})
                 message = await receive()  # lifespan.shutdown: every connection has ended
@@ -99,6 +109,12 @@ class NaviApp:
     def begin_shutdown(self) -> None:
         """Start draining (called by the shutdown trigger before hypercorn stops accepting)."""
         self._shutdown_requested.set()
+
+    async def _begin_shutdown_on_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("server.signal", signal=signal.Signals(signum).name)
+                self.begin_shutdown()
 
     async def _drain_on_request(self, registry: RunRegistry) -> None:
         await self._shutdown_requested.wait()
@@ -148,6 +164,6 @@ def _int_or_none(value: str | None) -> int | None:
         return None
 
 
-def create_app(settings: Settings | None = None, **overrides: Any) -> NaviApp:
+def create_app(settings: Settings | None = None, *, watch_signals: bool = False, **overrides: Any) -> NaviApp:
     """Build the app from ``settings`` (default: the ``NAVI_*`` environment)."""
-    return NaviApp(settings if settings is not None else Settings.from_env(**overrides))
+    return NaviApp(settings if settings is not None else Settings.from_env(**overrides), watch_signals=watch_signals)

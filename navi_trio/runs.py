@@ -136,6 +136,10 @@ class Run:
     subscribers: list[Subscriber] = attrs.Factory(list)
     done: trio.Event = attrs.Factory(trio.Event)
     stop_reason: str | None = None
+    #: Set when the store failed while this run streamed: the run ends with ``error``.
+    failure: str | None = None
+    #: The last seq whose text is in the store (checkpoints).
+    checkpointed: int = 0
     #: True once the answer is saved (or its save gave up) and the run is deregistered.
     settled: bool = False
     log: RunLog = attrs.field(init=False)
@@ -205,6 +209,13 @@ class Run:
         if self.stop_reason is None and not self.log.finished:
             self.stop_reason = reason
         self.cancel_scope.cancel(reason=f"stop: {reason}")
+
+    def fail(self, message: str) -> None:
+        """End the run with a terminal ``error`` (a storage fault), unless it is already
+        stopping or over."""
+        if self.stop_reason is None and self.failure is None and not self.log.finished:
+            self.failure = message
+            self.cancel_scope.cancel(reason="storage fault")
 
     def subscribe(self, outbox: Outbox, *, after: int | None = None, replay: bool = False) -> Subscriber:
         """Add a subscriber. Synchronous, so nothing can slip in between what it is
@@ -281,6 +292,7 @@ class RunRegistry:
         self.closed = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
+        self._run_started = trio.Event()
 
     # -- lookups -----------------------------------------------------------------------
     def active(self, session_id: str) -> Run | None:
@@ -357,6 +369,7 @@ class RunRegistry:
         run = Run(request)
         self._active[request.session_id] = run
         self._idle = trio.Event()
+        self._run_started.set()
         for follower in self._followers.get(request.session_id, ()):
             follower.run_started(run)
         run.publish([run.log.start()])
@@ -403,10 +416,12 @@ class RunRegistry:
             with run.cancel_scope:
                 await trio.lowlevel.checkpoint_if_cancelled()  # stopped while saving: play nothing
                 await self._agent.play(run)
-            if run.cancel_scope.cancelled_caught:
-                run.publish(run.log.stopped(run.stop_reason or "user"))
-            else:
+            if not run.cancel_scope.cancelled_caught:
                 run.publish(run.log.end())
+            elif run.failure is not None:
+                run.publish(run.log.error(run.failure))
+            else:
+                run.publish(run.log.stopped(run.stop_reason or "user"))
         except AgentError as exc:
             log.info("run.agent_error", error=str(exc))
             run.publish(run.log.error(str(exc)))
@@ -473,6 +488,40 @@ class RunRegistry:
                     started.cancel("user")  # a later message already interrupted this one
         if not self._active:
             self._idle.set()
+
+    # -- checkpoints -------------------------------------------------------------------
+    async def serve_checkpoints(self, interval_s: float) -> None:
+        """Save the text of every running answer every ``interval_s``, for all runs in one
+        store transaction, so a hard kill loses at most about that much (CONTRACT 7).
+
+        Runs that produced nothing new are skipped; with no active run this task sleeps
+        on an event, not a timer. A store fault ends the affected runs with a terminal
+        ``error`` naming it (``Run.fail``); the server goes on.
+
+        Cancellation: runs until the server nursery is cancelled; a checkpoint cut short
+        is harmless, since every run's final save follows anyway.
+        """
+        while True:
+            if not self._active:
+                self._run_started = trio.Event()
+                await self._run_started.wait()
+            await trio.sleep(interval_s)
+            dirty = [r for r in self._active.values() if not r.log.finished and r.checkpointed < r.log.last_seq]
+            if not dirty:
+                continue
+            seqs = [r.log.last_seq for r in dirty]
+            try:
+                with trio.move_on_after(self._save_timeout_s) as scope:
+                    await self.store.checkpoint([r.answer("running") for r in dirty])
+                if scope.cancelled_caught:
+                    raise StoreError("timed out saving answers in progress")
+            except StoreError as exc:
+                log.error("checkpoint.failed", error=str(exc), runs=len(dirty))
+                for r in dirty:
+                    r.fail(f"Storage error: {exc}")
+                continue
+            for r, seq in zip(dirty, seqs, strict=True):
+                r.checkpointed = seq
 
     # -- shutdown ----------------------------------------------------------------------
     async def drain(self, grace_s: float) -> None:

@@ -35,6 +35,8 @@ class Settings:
     grace_s: float = 10.0
     #: Bound on the shielded cleanup of a run (terminal event + saving its answer).
     save_timeout_s: float = 5.0
+    #: How often the text of running answers is saved (a hard kill loses at most this).
+    checkpoint_s: float = 0.5
     #: A client that accepts no data for this long is disconnected (TCP_USER_TIMEOUT).
     send_timeout_s: float = 30.0
     #: Frames a connection's outbox holds before its subscriptions switch to catch-up.
@@ -79,7 +81,7 @@ class Settings:
             raise ValueError(f"unknown agent {self.agent!r} (available: scripted)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
-        for name in ("heartbeat_s", "grace_s", "save_timeout_s", "send_timeout_s"):
+        for name in ("heartbeat_s", "grace_s", "save_timeout_s", "send_timeout_s", "checkpoint_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.outbox_size < 1 or self.max_queued_runs < 0:

@@ -91,6 +91,14 @@ class Store(Protocol):
         """Save the user's message and an answer with status ``running``."""
 
     async def save_answer(self, answer: Answer) -> None:
-        """Write the answer's current state (final status, or ``running`` for a checkpoint)."""
+        """Write the answer's final state (its status, text, thinking and tool calls)."""
+
+    async def checkpoint(self, answers: list[Answer]) -> None:
+        """Write the text so far of answers still ``running``, all in one transaction.
+        An answer that already has its final status is left alone."""
+
+    async def recover_interrupted(self) -> int:
+        """At start: every answer still ``running`` (the server died mid-run) becomes
+        ``interrupted``, keeping the text saved so far. Returns how many."""
 
     def close(self) -> None: ...

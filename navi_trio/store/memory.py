@@ -6,6 +6,7 @@ ahead, see STYLE 4.5) and for throw-away demos (``NAVI_STORE=memory``).
 
 from __future__ import annotations
 
+import attrs
 import trio
 
 from .base import Answer, MessageRecord, NewRun, SessionRecord, utc_now
@@ -50,15 +51,36 @@ class MemoryStore:
 
     async def save_answer(self, answer: Answer) -> None:
         await trio.lowlevel.checkpoint()
+        self._update(answer, only_running=False)
+
+    def _update(self, answer: Answer, *, only_running: bool) -> None:
         msgs = self.messages.get(answer.session_id)
         if msgs is None:  # the session was deleted meanwhile
             return
         for i, m in enumerate(msgs):
             if m.id == answer.id:
+                if only_running and m.status != "running":
+                    return
+                status = m.status if only_running else answer.status
                 msgs[i] = MessageRecord(
-                    m.id, "assistant", answer.content, m.created_at, answer.status, answer.thinking, answer.tool_calls
+                    m.id, "assistant", answer.content, m.created_at, status, answer.thinking, answer.tool_calls
                 )
                 return
+
+    async def checkpoint(self, answers: list[Answer]) -> None:
+        await trio.lowlevel.checkpoint()
+        for answer in answers:
+            self._update(answer, only_running=True)
+
+    async def recover_interrupted(self) -> int:
+        await trio.lowlevel.checkpoint()
+        count = 0
+        for msgs in self.messages.values():
+            for i, m in enumerate(msgs):
+                if m.status == "running":
+                    msgs[i] = attrs.evolve(m, status="interrupted")
+                    count += 1
+        return count
 
     def close(self) -> None:
         pass

@@ -24,26 +24,45 @@ from .base import Answer, MessageRecord, NewRun, SessionRecord, utc_now
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    title TEXT NOT NULL,
-    user_id TEXT,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    id TEXT PRIMARY KEY,
-    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-    ord INTEGER NOT NULL,
-    role TEXT NOT NULL,
-    content TEXT NOT NULL,
-    thinking TEXT,
-    tool_calls TEXT,
-    status TEXT NOT NULL,
-    created_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_by_session ON messages(session_id, ord);
-"""
+#: Schema migrations, in order. ``PRAGMA user_version`` records how many have run; each
+#: runs in its own transaction at start. Append, never edit a released one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE IF NOT EXISTS sessions (
+            id TEXT PRIMARY KEY,
+            title TEXT NOT NULL,
+            user_id TEXT,
+            created_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS messages (
+            id TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+            ord INTEGER NOT NULL,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            thinking TEXT,
+            tool_calls TEXT,
+            status TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS messages_by_session ON messages(session_id, ord)",
+        "CREATE INDEX IF NOT EXISTS messages_running ON messages(status) WHERE status = 'running'",
+    ),
+)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to date; return the version it is now at."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > len(MIGRATIONS):
+        raise StoreError(f"the database is at schema version {version}, newer than this navi-trio knows")
+    for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+        with conn:
+            conn.execute("BEGIN")
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+    return len(MIGRATIONS)
 
 
 class SqliteStore:
@@ -63,7 +82,11 @@ class SqliteStore:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
-            conn.executescript(SCHEMA)
+            try:
+                migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
             return conn
 
         try:
@@ -176,6 +199,28 @@ class SqliteStore:
             )
 
         await self._call("saving the answer", q)
+
+    async def checkpoint(self, answers: list[Answer]) -> None:
+        rows = [(a.content, a.thinking, json.dumps(a.tool_calls), a.id) for a in answers]
+
+        def q(c: sqlite3.Connection) -> None:
+            with c:
+                c.execute("BEGIN")
+                # Only answers still running: a checkpoint queued behind a run's final save
+                # must not turn it back into "running".
+                c.executemany(
+                    "UPDATE messages SET content = ?, thinking = ?, tool_calls = ? WHERE id = ? AND status = 'running'",
+                    rows,
+                )
+
+        await self._call("saving answers in progress", q)
+
+    async def recover_interrupted(self) -> int:
+        def q(c: sqlite3.Connection) -> int:
+            cur = c.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'running'")
+            return cur.rowcount
+
+        return await self._call("marking interrupted answers", q)
 
     def close(self) -> None:
         """Close the connection. Synchronous and quick: safe in a cancelled ``finally``."""
