@@ -16,7 +16,8 @@ import structlog
 import trio
 
 from .agents import make_agent
-from .connection import CLOSE_NOT_FOUND, CLOSE_RESTART, Connection
+from .auth import AccessDenied, AuthError, authenticate, bearer_token, check_access
+from .connection import CLOSE_DENIED, CLOSE_NOT_FOUND, CLOSE_POLICY, CLOSE_RESTART, Connection
 from .errors import StoreError
 from .http import HttpApi
 from .runs import RunRegistry
@@ -30,6 +31,9 @@ log = structlog.get_logger("navi_trio.app")
 
 _WS_PATH: Final = re.compile(r"^/ws/sessions/(?P<sid>[A-Za-z0-9_-]{1,64})$")
 STATE_KEY: Final = "navi"
+#: How soon a revoked user's open connections are closed (``navi-trio users revoke``
+#: runs in another process, so the server looks at the store).
+REVOCATION_POLL_S: Final = 1.0
 
 
 class Services:
@@ -38,7 +42,7 @@ class Services:
     def __init__(self, settings: Settings, registry: RunRegistry) -> None:
         self.settings = settings
         self.registry = registry
-        self.http = HttpApi(registry, registry.store)
+        self.http = HttpApi(registry, registry.store, settings)
 
 
 class NaviApp:
@@ -88,6 +92,7 @@ class NaviApp:
                 if recovered:
                     log.warning("store.recovered_interrupted_answers", count=recovered)
                 server_nursery.start_soon(registry.serve_checkpoints, settings.checkpoint_s)
+                server_nursery.start_soon(registry.serve_revocations, REVOCATION_POLL_S)
                 services = Services(settings, registry)
                 scope["state"][STATE_KEY] = services
                 self.services = services
@@ -124,30 +129,57 @@ class NaviApp:
 
     # -- websocket ---------------------------------------------------------------------
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Authenticate, find the session, check access, then serve the connection.
+
+        The handshake is accepted first so that refusals reach the client as close codes
+        (4003 authentication / access, 4004 no such session), as the contract says.
+        """
         message = await receive()
         if message["type"] != "websocket.connect":
             return
         services = self._services(scope)
         registry = services.registry
+        settings = services.settings
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        await send({"type": "websocket.accept"})
+
+        async def close(code: int, reason: str) -> None:
+            await send({"type": "websocket.close", "code": code, "reason": reason})
+
+        try:
+            user = await authenticate(
+                registry.store, settings.auth, bearer_token(scope["headers"], _first(query, "token"))
+            )
+        except AuthError as exc:
+            await close(CLOSE_DENIED, str(exc))
+            return
         m = _WS_PATH.match(scope["path"])
         session = await registry.store.get_session(m["sid"]) if m else None
-        await send({"type": "websocket.accept"})
         if session is None:
-            await send({"type": "websocket.close", "code": CLOSE_NOT_FOUND, "reason": "Session not found"})
+            await close(CLOSE_NOT_FOUND, "Session not found")
             return
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        run_id = _first(query, "run_id")
-        after = _int_or_none(_first(query, "after"))
+        try:
+            check_access(session, user)
+        except (AuthError, AccessDenied) as exc:
+            await close(CLOSE_DENIED, str(exc))
+            return
+        user_id = user.id if user else None
+        if user_id is not None and registry.connections_of(user_id) >= settings.max_connections_per_user:
+            await close(CLOSE_POLICY, f"Too many connections (max {settings.max_connections_per_user} per user)")
+            return
         conn = Connection(
             registry,
             session.id,
-            None,
+            user_id,
             send,
             receive,
-            heartbeat_s=services.settings.heartbeat_s,
-            outbox_size=services.settings.outbox_size,
+            heartbeat_s=settings.heartbeat_s,
+            outbox_size=settings.outbox_size,
+            uploads_root=settings.data_dir,
+            session_owner=session.user_id,
+            max_message_chars=settings.max_message_chars,
         )
-        await conn.serve(resume_run_id=run_id, resume_after=after)
+        await conn.serve(resume_run_id=_first(query, "run_id"), resume_after=_int_or_none(_first(query, "after")))
 
 
 def _first(query: dict[str, list[str]], key: str) -> str | None:

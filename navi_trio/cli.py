@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from collections.abc import Sequence
 from functools import partial
 
 import trio
 
+from .auth import ROLES, User, hash_token, new_token, valid_user_name
+from .errors import StoreError
 from .logs import configure_logging
 from .settings import Settings
+from .store.base import utc_now
+from .store.sqlite import SqliteStore
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,11 +32,69 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace-s", type=float, help="shutdown grace for runs (NAVI_GRACE_S, default 10)")
     serve.add_argument("--log-format", choices=["auto", "console", "json"], help="NAVI_LOG_FORMAT")
     serve.add_argument("--log-level", help="NAVI_LOG_LEVEL (default info)")
+    serve.add_argument("--access-log", help="hypercorn access log: '-' for stderr or a file (NAVI_ACCESS_LOG)")
+
+    users = sub.add_parser("users", help="manage users and their tokens")
+    users.add_argument("--data-dir", help="where the database lives (NAVI_DATA_DIR, default ./navi-data)")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    add = users_sub.add_parser("add", help="add a user and print their token (shown once)")
+    add.add_argument("name")
+    add.add_argument("--role", choices=list(ROLES), default="user")
+    users_sub.add_parser("list", help="list users (never tokens)")
+    revoke = users_sub.add_parser("revoke", help="revoke a user: their tokens stop working, connections close")
+    revoke.add_argument("name")
     return parser
+
+
+async def _users(args: argparse.Namespace, settings: Settings) -> int:
+    """``navi-trio users ...`` against the SQLite database of ``settings.data_dir``.
+
+    A running server sees the change at once: it reads tokens from the database on every
+    request, and closes a revoked user's connections within a second.
+    """
+    async with await SqliteStore.open(settings.data_dir / "navi.sqlite3") as store:
+        if args.users_command == "add":
+            if not valid_user_name(args.name):
+                print(
+                    "navi-trio: a user name is 1-64 letters, digits or _.@- and starts with a letter or digit",
+                    file=sys.stderr,
+                )
+                return 2
+            token = new_token()
+            user = User(uuid.uuid4().hex, args.name, args.role, utc_now())
+            try:
+                await store.add_user(user, hash_token(token))
+            except StoreError as exc:
+                print(f"navi-trio: {exc}", file=sys.stderr)
+                return 1
+            print(f"added {user.role} {user.name} (id {user.id}); their token, shown only this once:")
+            print(token)
+        elif args.users_command == "list":
+            for user in await store.list_users():
+                state = "revoked" if user.revoked else "active"
+                print(f"{user.name}\t{user.role}\t{state}\t{user.created_at}\t{user.id}")
+        elif args.users_command == "revoke":
+            revoked = await store.revoke_user(args.name, utc_now())
+            if revoked is None:
+                print(f"navi-trio: no user named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {revoked.name}: their tokens no longer work")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "users":
+        try:
+            settings = Settings.from_env(data_dir=args.data_dir)
+        except ValueError as exc:
+            print(f"navi-trio: {exc}", file=sys.stderr)
+            return 2
+        try:
+            return trio.run(_users, args, settings)
+        except StoreError as exc:
+            print(f"navi-trio: {exc}", file=sys.stderr)
+            return 1
     if args.command == "serve":
         try:
             settings = Settings.from_env(
@@ -45,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 grace_s=args.grace_s,
                 log_format=args.log_format,
                 log_level=args.log_level,
+                access_log=args.access_log,
             )
         except ValueError as exc:
             print(f"navi-trio: {exc}", file=sys.stderr)

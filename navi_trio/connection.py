@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import orjson
 import structlog
 import trio
 
+from . import uploads
 from .errors import BadClientMessage, QueueFull, RunAlreadyActive, ShuttingDown
 from .events import HEARTBEAT, MERGE_MAX_CHARS, SESSION_SYNC, Event, encode, error_frame
 from .runs import IF_RUNNING, Run, RunRegistry, RunRequest, Subscriber
+from .uploads import BadUpload
 
 if TYPE_CHECKING:
     from .asgi_types import Receive, Send
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("navi_trio.connection")
 
 MAX_IMAGES: Final = 8
+MAX_FILES: Final = 32
 MAX_IMAGE_BYTES: Final = 50 * 1024 * 1024
 EXPECTED_MESSAGE: Final = "Expected {type: 'message', content: '...'}"
 ALREADY_RUNNING: Final = "Agent is already running for this session."
@@ -40,6 +45,7 @@ ALREADY_RUNNING: Final = "Agent is already running for this session."
 CLOSE_NOT_FOUND: Final = 4004
 CLOSE_DENIED: Final = 4003
 CLOSE_RESTART: Final = 1012
+CLOSE_POLICY: Final = 1008
 
 #: Queued items behind a delta before the writer merges deltas (a reader that is behind).
 MERGE_BACKLOG: Final = 8
@@ -66,8 +72,14 @@ class Connection:
         *,
         heartbeat_s: float,
         outbox_size: int,
+        uploads_root: Path | None = None,
+        session_owner: str | None = None,
+        max_message_chars: int = 100_000,
     ) -> None:
         self.id = next(_conn_ids)
+        self._uploads_root = uploads_root
+        self._session_owner = session_owner
+        self._max_message_chars = max_message_chars
         self.registry = registry
         self.session_id = session_id
         self.user_id = user_id
@@ -262,12 +274,35 @@ class Connection:
                 await run.done.wait()  # so a message sent right after the stop can start
             return
         try:
-            request, if_running = parse_message(data, self.session_id, self.user_id, self.id)
+            request, if_running = parse_message(data, self.session_id, self.user_id, self.id, self._max_message_chars)
+            files = data.get("files")
+            if files:
+                request = await self._with_files(request, files)
             self.registry.submit(request, if_running)
         except RunAlreadyActive:
             await self._answer_error(ALREADY_RUNNING)
-        except (BadClientMessage, QueueFull, ShuttingDown) as exc:
+        except (BadClientMessage, BadUpload, QueueFull, ShuttingDown) as exc:
             await self._answer_error(str(exc))
+
+    async def _with_files(self, request: RunRequest, files: Any) -> RunRequest:
+        """Check that every named file is an upload of this session (metadata only, in a
+        worker thread), and tell the agent where they are. Raises :class:`BadUpload`."""
+        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+            raise BadClientMessage("files must be a list of {name, path} objects.")
+        if len(files) > MAX_FILES:
+            raise BadClientMessage(f"Too many files ({len(files)}). Max {MAX_FILES} allowed.")
+        root = self._uploads_root
+        if root is None:
+            raise BadUpload("Uploads are not available on this server.")
+
+        def check() -> list[str]:
+            for f in files:
+                uploads.resolve_upload(root, self._session_owner, self.session_id, f.get("name"), f.get("path"))
+            return [f"- {f['name']} → {uploads.public_path(self.session_id, f['name'])}" for f in files]
+
+        lines = await trio.to_thread.run_sync(check)
+        note = "\n\n[Uploaded files on disk:\n" + "\n".join(lines) + "]"
+        return attrs.evolve(request, content=request.content + note, files=[f["name"] for f in files])
 
 
 def _coalesce(first: Event, recv: trio.MemoryReceiveChannel[OutboxItem]) -> tuple[str, OutboxItem]:
@@ -301,7 +336,7 @@ def _coalesce(first: Event, recv: trio.MemoryReceiveChannel[OutboxItem]) -> tupl
 
 
 def parse_message(
-    data: Any, session_id: str, user_id: str | None, conn_id: int | None = None
+    data: Any, session_id: str, user_id: str | None, conn_id: int | None = None, max_chars: int = 100_000
 ) -> tuple[RunRequest, str]:
     """Validate a client ``message`` (CONTRACT section 3's bad-input table).
 
@@ -312,20 +347,19 @@ def parse_message(
     content = data.get("content")
     if not isinstance(content, str) or not content.strip():
         raise BadClientMessage(EXPECTED_MESSAGE)
+    if len(content) > max_chars:
+        raise BadClientMessage(f"Message too long ({len(content)} characters). Max {max_chars} allowed.")
     if_running = data.get("if_running", "reject")
     if if_running is None:
         if_running = "reject"
     if if_running not in IF_RUNNING:
         raise BadClientMessage("if_running must be 'reject', 'interrupt' or 'enqueue'.")
     images = _parse_images(data.get("images"))
-    files = data.get("files")
     agent_content = content
     if images:
         n = len(images)
         noun = "image" if n == 1 else "images"
         agent_content += f"\n\n[{n} {noun} attached inline — already in your context, no extra loading needed.]"
-    if files:
-        _check_files(files)
     return RunRequest(session_id, user_id, agent_content, content, images, conn_id), if_running
 
 
@@ -346,15 +380,3 @@ def _parse_images(raw: Any) -> list[str]:
             raise BadClientMessage("Total image payload exceeds 50 MB limit.")
         cleaned.append(img)
     return cleaned
-
-
-def _check_files(files: Any) -> None:
-    """Uploads are not implemented yet, so no file can be an upload of this session.
-    Nothing is read: the name is only echoed back (CONTRACT section 3)."""
-    if not isinstance(files, list):
-        raise BadClientMessage("files must be a list of {name, path} objects.")
-    for f in files:
-        name = f.get("name") if isinstance(f, dict) else None
-        if not isinstance(name, str):
-            raise BadClientMessage("files must be a list of {name, path} objects.")
-        raise BadClientMessage(f"File {name!r} is not an upload of this session.")

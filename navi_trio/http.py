@@ -10,15 +10,20 @@ from __future__ import annotations
 import re
 import uuid
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qs
 
 import orjson
 import structlog
+import trio
 
+from . import uploads
+from .auth import AccessDenied, AuthError, User, authenticate, bearer_token, check_access
 from .errors import StoreError
 
 if TYPE_CHECKING:
     from .asgi_types import Receive, Scope, Send
     from .runs import RunRegistry
+    from .settings import Settings
     from .store.base import SessionRecord, Store
 
 log = structlog.get_logger("navi_trio.http")
@@ -32,6 +37,7 @@ ROUTES: Final = [
     (re.compile(rf"^/sessions/{_SESSION_ID}$"), "session"),
     (re.compile(rf"^/sessions/{_SESSION_ID}/messages$"), "messages"),
     (re.compile(rf"^/sessions/{_SESSION_ID}/stop$"), "stop"),
+    (re.compile(rf"^/sessions/{_SESSION_ID}/files$"), "files"),
 ]
 
 
@@ -47,6 +53,8 @@ async def _send_json(send: Send, status: int, body: Any) -> None:
     headers = [(b"content-length", str(len(payload)).encode())]
     if body is not None:
         headers.append((b"content-type", b"application/json"))
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
@@ -69,9 +77,10 @@ async def read_body(receive: Receive, limit: int) -> bytes:
 
 
 class HttpApi:
-    def __init__(self, registry: RunRegistry, store: Store) -> None:
+    def __init__(self, registry: RunRegistry, store: Store, settings: Settings) -> None:
         self.registry = registry
         self.store = store
+        self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -80,12 +89,16 @@ class HttpApi:
             for pattern, name in ROUTES:
                 m = pattern.match(path)
                 if m:
-                    status, body = await self._dispatch(name, method, m.groupdict().get("sid"), receive)
+                    status, body = await self._dispatch(name, method, m.groupdict().get("sid"), scope, receive)
                     break
             else:
                 raise HTTPError(404, "Not Found")
         except HTTPError as exc:
             status, body = exc.status, {"detail": exc.detail}
+        except AuthError as exc:
+            status, body = 401, {"detail": str(exc)}
+        except AccessDenied as exc:
+            status, body = 403, {"detail": str(exc)}
         except StoreError as exc:
             log.error("http.store_error", path=path, error=str(exc))
             status, body = 503, {"detail": "Storage is unavailable; try again shortly."}
@@ -94,36 +107,53 @@ class HttpApi:
             status, body = 500, {"detail": "Internal server error"}
         await _send_json(send, status, body)
 
-    async def _dispatch(self, name: str, method: str, sid: str | None, receive: Receive) -> tuple[int, Any]:
+    async def _caller(self, scope: Scope) -> User | None:
+        user = await authenticate(self.store, self.settings.auth, bearer_token(scope["headers"]))
+        if user is not None:
+            structlog.contextvars.bind_contextvars(user_id=user.id)
+        return user
+
+    async def _dispatch(
+        self, name: str, method: str, sid: str | None, scope: Scope, receive: Receive
+    ) -> tuple[int, Any]:
         if name == "healthz":
             if method == "GET":
                 return 200, {"status": "ok"}
-        elif name == "sessions":
+            raise HTTPError(405, "Method Not Allowed")
+        user = await self._caller(scope)
+        if name == "sessions":
             if method == "POST":
-                return await self.create_session(receive)
+                return await self.create_session(receive, user)
             if method == "GET":
-                sessions = await self.store.list_sessions(None)
+                if user is None:
+                    sessions = await self.store.list_sessions(None)
+                else:
+                    sessions = await self.store.list_sessions(user.id, everyone=user.is_admin)
                 return 200, [s.as_dict() for s in sessions]
         elif sid is not None:
             if name == "session" and method == "GET":
-                session = await self._session(sid)
+                session = await self._session(sid, user)
                 return 200, {**session.as_dict(), "running": self.registry.active(sid) is not None}
             if name == "session" and method == "DELETE":
-                return await self.delete_session(sid)
+                return await self.delete_session(await self._session(sid, user))
             if name == "messages" and method == "GET":
-                await self._session(sid)
+                await self._session(sid, user)
                 return 200, [m.as_dict() for m in await self.store.list_messages(sid)]
             if name == "stop" and method == "POST":
-                return await self.stop(sid)
+                return await self.stop(await self._session(sid, user))
+            if name == "files" and method == "POST":
+                return await self.upload(await self._session(sid, user), scope, receive)
         raise HTTPError(405, "Method Not Allowed")
 
-    async def _session(self, sid: str) -> SessionRecord:
+    async def _session(self, sid: str, user: User | None) -> SessionRecord:
+        """The session, if it exists and the caller may reach it (the one access rule)."""
         session = await self.store.get_session(sid)
         if session is None:
             raise HTTPError(404, "Session not found")
+        check_access(session, user)
         return session
 
-    async def create_session(self, receive: Receive) -> tuple[int, Any]:
+    async def create_session(self, receive: Receive, user: User | None) -> tuple[int, Any]:
         raw = await read_body(receive, MAX_JSON_BODY)
         title = "New session"
         if raw.strip():
@@ -139,22 +169,21 @@ class HttpApi:
                 if len(body["title"]) > MAX_TITLE:
                     raise HTTPError(422, f"title is longer than {MAX_TITLE} characters")
                 title = body["title"]
-        session = await self.store.create_session(uuid.uuid4().hex, title, None)
+        session = await self.store.create_session(uuid.uuid4().hex, title, user.id if user else None)
         log.info("session.created", session_id=session.id)
         return 201, session.as_dict()
 
-    async def stop(self, sid: str) -> tuple[int, Any]:
+    async def stop(self, session: SessionRecord) -> tuple[int, Any]:
         """Stop the session's run and answer once it has really ended: its terminal event
         is in the log and its answer saved (``run.done``)."""
-        await self._session(sid)
-        run = self.registry.stop(sid, "user")
+        run = self.registry.stop(session.id, "user")
         if run is None:
             return 200, {"ok": False, "reason": "no active run"}
         await run.done.wait()
         return 200, {"ok": True, "last_seq": run.log.last_seq}
 
-    async def delete_session(self, sid: str) -> tuple[int, Any]:
-        await self._session(sid)
+    async def delete_session(self, session: SessionRecord) -> tuple[int, Any]:
+        sid = session.id
         self.registry.forget_session(sid)
         run = self.registry.stop(sid, "deleted")
         if run is not None:
@@ -163,3 +192,27 @@ class HttpApi:
         self.registry.close_followers(sid, 4004, "Session deleted")
         log.info("session.deleted", session_id=sid)
         return 204, None
+
+    async def upload(self, session: SessionRecord, scope: Scope, receive: Receive) -> tuple[int, Any]:
+        """``POST /sessions/{id}/files?name=NAME`` with the raw bytes (CONTRACT section 6)."""
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        names = query.get("name") or [""]
+        try:
+            name = uploads.safe_name(names[0])
+        except uploads.BadUpload as exc:
+            raise HTTPError(422, str(exc)) from None
+        limit = int(self.settings.max_upload_mb * 1024 * 1024)
+        for header, value in scope["headers"]:
+            if header == b"content-length" and value.isdigit() and int(value) > limit:
+                raise HTTPError(413, f"Upload too large (max {self.settings.max_upload_mb:g} MB)")
+        try:
+            body = await read_body(receive, limit)
+        except HTTPError as exc:
+            if exc.status == 413:
+                raise HTTPError(413, f"Upload too large (max {self.settings.max_upload_mb:g} MB)") from None
+            raise
+        saved = await trio.to_thread.run_sync(
+            uploads.save_upload, self.settings.data_dir, session.user_id, session.id, name, body
+        )
+        log.info("upload.saved", session_id=session.id, name=name, size=len(body))
+        return 201, saved

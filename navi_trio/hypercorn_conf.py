@@ -8,6 +8,7 @@ images could not arrive) and a 3 s graceful timeout (shorter than the runs' grac
 
 from __future__ import annotations
 
+from .access_log import RedactingLogger
 from .server import WEBSOCKET_MAX_MESSAGE
 from .settings import Settings
 
@@ -17,4 +18,5 @@ worker_class = "trio"
 bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
 graceful_timeout = _settings.grace_s + _settings.save_timeout_s + 2.0
 websocket_max_message_size = WEBSOCKET_MAX_MESSAGE
-accesslog = None
+accesslog = _settings.access_log or None
+logger_class = RedactingLogger

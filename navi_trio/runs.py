@@ -46,6 +46,8 @@ class RunRequest:
     images: list[str] = attrs.field(factory=list)
     #: The connection the message came from (for the log: a run outlives it).
     conn_id: int | None = None
+    #: Names of this session's uploads the message refers to (checked on arrival).
+    files: list[str] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -73,6 +75,9 @@ class Outbox(Protocol):
 
 class Follower(Protocol):
     """A connection following a session: it subscribes to every run of it."""
+
+    @property
+    def user_id(self) -> str | None: ...
 
     def run_started(self, run: Run) -> None: ...
 
@@ -322,6 +327,30 @@ class RunRegistry:
     @property
     def follower_count(self) -> int:
         return sum(len(f) for f in self._followers.values())
+
+    def connections_of(self, user_id: str) -> int:
+        return sum(1 for fs in self._followers.values() for f in fs if f.user_id == user_id)
+
+    async def serve_revocations(self, interval_s: float) -> None:
+        """Close the connections of users revoked since they connected, within
+        ``interval_s`` (revocation happens in another process: the CLI).
+
+        Reads the store only while some connection belongs to a user. A store fault is
+        logged and retried at the next tick.
+        """
+        while True:
+            await trio.sleep(interval_s)
+            if not any(f.user_id is not None for fs in self._followers.values() for f in fs):
+                continue
+            try:
+                revoked = await self.store.revoked_user_ids()
+            except StoreError as exc:
+                log.error("revocations.check_failed", error=str(exc))
+                continue
+            for fs in list(self._followers.values()):
+                for f in list(fs):
+                    if f.user_id in revoked:
+                        f.request_close(4003, "Token revoked")
 
     # -- starting and stopping ---------------------------------------------------------
     def submit(self, request: RunRequest, if_running: str = "reject") -> Run | None:

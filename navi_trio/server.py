@@ -18,6 +18,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
+from .access_log import RedactingLogger
 from .app import NaviApp
 from .settings import Settings
 
@@ -56,7 +57,8 @@ def hypercorn_config(settings: Settings) -> Config:
     # Connections must outlive the drain: grace for the runs, then their save, then 1012.
     config.graceful_timeout = settings.grace_s + settings.save_timeout_s + 2.0
     config.websocket_max_message_size = WEBSOCKET_MAX_MESSAGE
-    config.accesslog = None
+    config.accesslog = settings.access_log or None
+    config.logger_class = RedactingLogger
     return config
 
 

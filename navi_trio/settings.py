@@ -43,6 +43,12 @@ class Settings:
     outbox_size: int = 64
     #: Messages a session may hold with ``if_running: "enqueue"``.
     max_queued_runs: int = 4
+    #: Limits (CONTRACT section 3 and 6).
+    max_upload_mb: float = 25.0
+    max_message_chars: int = 100_000
+    max_connections_per_user: int = 32
+    #: hypercorn's access log: "" (off), "-" (stderr) or a file; tokens are redacted.
+    access_log: str = ""
     log_format: str = "auto"
     log_level: str = "info"
 
@@ -84,6 +90,8 @@ class Settings:
         for name in ("heartbeat_s", "grace_s", "save_timeout_s", "send_timeout_s", "checkpoint_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.max_upload_mb <= 0 or self.max_message_chars < 1 or self.max_connections_per_user < 1:
+            raise ValueError("max_upload_mb, max_message_chars and max_connections_per_user must be positive")
         if self.outbox_size < 1 or self.max_queued_runs < 0:
             raise ValueError("outbox_size must be >= 1 and max_queued_runs >= 0")
 

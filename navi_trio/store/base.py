@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import attrs
 
+from ..auth import User
+
 
 def utc_now() -> str:
     """ISO 8601 UTC timestamp with milliseconds, as sessions and messages carry it."""
@@ -100,5 +102,18 @@ class Store(Protocol):
     async def recover_interrupted(self) -> int:
         """At start: every answer still ``running`` (the server died mid-run) becomes
         ``interrupted``, keeping the text saved so far. Returns how many."""
+
+    # -- users and tokens (only hashes are stored) ---------------------------------------
+    async def add_user(self, user: User, token_hash: str) -> None:
+        """Raises :class:`~navi_trio.errors.StoreError` if the name is taken."""
+
+    async def list_users(self) -> list[User]: ...
+
+    async def revoke_user(self, name: str, revoked_at: str) -> User | None:
+        """Revoke the user and every token of theirs; None if there is no such user."""
+
+    async def user_for_token_hash(self, token_hash: str) -> User | None: ...
+
+    async def revoked_user_ids(self) -> set[str]: ...
 
     def close(self) -> None: ...

@@ -9,6 +9,8 @@ from __future__ import annotations
 import attrs
 import trio
 
+from ..auth import User
+from ..errors import StoreError
 from .base import Answer, MessageRecord, NewRun, SessionRecord, utc_now
 
 
@@ -16,6 +18,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self.sessions: dict[str, SessionRecord] = {}
         self.messages: dict[str, list[MessageRecord]] = {}
+        self.users: dict[str, User] = {}  # by name
+        self.tokens: dict[str, str] = {}  # token hash -> user id
 
     async def create_session(self, session_id: str, title: str, user_id: str | None) -> SessionRecord:
         await trio.lowlevel.checkpoint()
@@ -81,6 +85,34 @@ class MemoryStore:
                     msgs[i] = attrs.evolve(m, status="interrupted")
                     count += 1
         return count
+
+    async def add_user(self, user: User, token_hash: str) -> None:
+        await trio.lowlevel.checkpoint()
+        if user.name in self.users:
+            raise StoreError(f"a user named {user.name!r} exists already")
+        self.users[user.name] = user
+        self.tokens[token_hash] = user.id
+
+    async def list_users(self) -> list[User]:
+        await trio.lowlevel.checkpoint()
+        return sorted(self.users.values(), key=lambda u: (u.created_at, u.name))
+
+    async def revoke_user(self, name: str, revoked_at: str) -> User | None:
+        await trio.lowlevel.checkpoint()
+        user = self.users.get(name)
+        if user is None:
+            return None
+        self.users[name] = attrs.evolve(user, revoked=True)
+        return self.users[name]
+
+    async def user_for_token_hash(self, token_hash: str) -> User | None:
+        await trio.lowlevel.checkpoint()
+        user_id = self.tokens.get(token_hash)
+        return next((u for u in self.users.values() if u.id == user_id), None)
+
+    async def revoked_user_ids(self) -> set[str]:
+        await trio.lowlevel.checkpoint()
+        return {u.id for u in self.users.values() if u.revoked}
 
     def close(self) -> None:
         pass

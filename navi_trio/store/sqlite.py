@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import trio
 
+from ..auth import User, digests_equal
 from ..errors import StoreError
 from .base import Answer, MessageRecord, NewRun, SessionRecord, utc_now
 
@@ -47,6 +48,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX IF NOT EXISTS messages_by_session ON messages(session_id, ord)",
         "CREATE INDEX IF NOT EXISTS messages_running ON messages(status) WHERE status = 'running'",
+    ),
+    (
+        """CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            role TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            revoked_at TEXT
+        )""",
+        """CREATE TABLE tokens (
+            hash TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX sessions_by_user ON sessions(user_id)",
     ),
 )
 
@@ -221,6 +237,68 @@ class SqliteStore:
             return cur.rowcount
 
         return await self._call("marking interrupted answers", q)
+
+    async def add_user(self, user: User, token_hash: str) -> None:
+        def q(c: sqlite3.Connection) -> None:
+            with c:
+                c.execute("BEGIN")
+                c.execute(
+                    "INSERT INTO users (id, name, role, created_at) VALUES (?, ?, ?, ?)",
+                    (user.id, user.name, user.role, user.created_at),
+                )
+                c.execute(
+                    "INSERT INTO tokens (hash, user_id, created_at) VALUES (?, ?, ?)",
+                    (token_hash, user.id, user.created_at),
+                )
+
+        try:
+            await self._call("adding a user", q)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise StoreError(f"a user named {user.name!r} exists already") from None
+            raise
+
+    async def list_users(self) -> list[User]:
+        def q(c: sqlite3.Connection) -> list[User]:
+            rows = c.execute("SELECT id, name, role, created_at, revoked_at FROM users ORDER BY created_at, name")
+            return [User(r[0], r[1], r[2], r[3], r[4] is not None) for r in rows.fetchall()]
+
+        return await self._call("listing users", q)
+
+    async def revoke_user(self, name: str, revoked_at: str) -> User | None:
+        def q(c: sqlite3.Connection) -> User | None:
+            with c:
+                c.execute("BEGIN")
+                c.execute("UPDATE users SET revoked_at = COALESCE(revoked_at, ?) WHERE name = ?", (revoked_at, name))
+                row = c.execute("SELECT id, name, role, created_at FROM users WHERE name = ?", (name,)).fetchone()
+            return User(row[0], row[1], row[2], row[3], True) if row else None
+
+        return await self._call("revoking a user", q)
+
+    async def user_for_token_hash(self, token_hash: str) -> User | None:
+        def q(c: sqlite3.Connection) -> User | None:
+            row = c.execute(
+                "SELECT u.id, u.name, u.role, u.created_at, u.revoked_at, t.hash FROM tokens t"
+                " JOIN users u ON u.id = t.user_id WHERE t.hash = ?",
+                (token_hash,),
+            ).fetchone()
+            if row is None or not digests_equal(row[5], token_hash):
+                return None
+            return User(row[0], row[1], row[2], row[3], row[4] is not None)
+
+        return await self._call("checking a token", q)
+
+    async def revoked_user_ids(self) -> set[str]:
+        def q(c: sqlite3.Connection) -> set[str]:
+            return {r[0] for r in c.execute("SELECT id FROM users WHERE revoked_at IS NOT NULL").fetchall()}
+
+        return await self._call("reading revoked users", q)
+
+    async def __aenter__(self) -> SqliteStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Close the connection. Synchronous and quick: safe in a cancelled ``finally``."""

@@ -1,0 +1,48 @@
+"""Hypercorn's access log, with tokens redacted (CONTRACT section 6: no token in any log).
+
+A browser passes its token as ``?token=`` on the WebSocket URL, and API clients send an
+``Authorization`` header; both are access-log atoms in hypercorn. This logger class
+replaces them, and drops the environment atoms (which may hold API keys).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from hypercorn.logging import Logger
+
+if TYPE_CHECKING:
+    from hypercorn.typing import ResponseSummary, WWWScope
+
+_TOKEN_IN_QUERY = re.compile(r"(?i)((?:^|[?&])(?:token|access_token)=)[^&\s]*")
+REDACTED = "[redacted]"
+
+
+def redact_query(text: str) -> str:
+    return _TOKEN_IN_QUERY.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+class RedactingLogger(Logger):
+    def atoms(self, request: WWWScope, response: ResponseSummary | None, request_time: float) -> Mapping[str, str]:
+        atoms: dict[str, Any] = dict(super().atoms(request, response, request_time))
+        for key in list(atoms):
+            if key.endswith("}e"):
+                del atoms[key]
+            elif key == "{authorization}i":
+                atoms[key] = REDACTED
+        for key in ("q", "R", "Uq"):
+            if key in atoms and isinstance(atoms[key], str):
+                atoms[key] = redact_query(atoms[key])
+        return _Atoms(atoms)
+
+
+class _Atoms(dict[str, Any]):
+    """Like hypercorn's atoms: a missing key logs as ``-``."""
+
+    def __missing__(self, key: str) -> str:
+        if key.startswith("{") and key != key.lower():
+            value: str = self.get(key.lower(), "-")
+            return value
+        return "-"
