@@ -84,7 +84,7 @@ class NaviApp:
                 registry = RunRegistry(
                     server_nursery,
                     store,
-                    make_agent(settings.agent),
+                    make_agent(settings),
                     save_timeout_s=settings.save_timeout_s,
                     max_queued_runs=settings.max_queued_runs,
                 )

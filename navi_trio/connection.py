@@ -275,6 +275,9 @@ class Connection:
             return
         try:
             request, if_running = parse_message(data, self.session_id, self.user_id, self.id, self._max_message_chars)
+            if self._uploads_root is not None:
+                folder = uploads.session_dir(self._uploads_root, self._session_owner, self.session_id)
+                request = attrs.evolve(request, upload_dir=folder)
             files = data.get("files")
             if files:
                 request = await self._with_files(request, files)

@@ -79,7 +79,7 @@ class RunLog:
     interrupted half-way, so "event emitted" and "state updated" never come apart.
     """
 
-    __slots__ = ("_open_tool", "_thinking_open", "events", "run_id", "terminal", "text", "thinking", "tool_calls")
+    __slots__ = ("_open_tools", "_thinking_open", "events", "run_id", "terminal", "text", "thinking", "tool_calls")
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
@@ -89,7 +89,9 @@ class RunLog:
         self.tool_calls: list[ToolCall] = []
         self.terminal: Event | None = None
         self._thinking_open = False
-        self._open_tool: tuple[str, Any, bool] | None = None
+        #: Tools started and not yet finished: a stack, since a sub-agent's tools run
+        #: inside the tool that delegated to it (``is_subagent: true``).
+        self._open_tools: list[tuple[str, Any, bool]] = []
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -111,7 +113,7 @@ class RunLog:
 
     @property
     def tool_open(self) -> bool:
-        return self._open_tool is not None
+        return bool(self._open_tools)
 
     # -- appending ---------------------------------------------------------------------
     def _append(self, type_: str, fields: dict[str, Any] | None = None, delta: str | None = None) -> Event:
@@ -136,11 +138,12 @@ class RunLog:
         if not self.events:
             raise GrammarError("the first event of a run is stream_start")
 
-    def _body_event(self, type_: str) -> list[Event]:
-        """Checks shared by every non-terminal event after stream_start."""
+    def _body_event(self, type_: str, *, subagent_tool: bool = False) -> list[Event]:
+        """Checks shared by every non-terminal event after stream_start. While a tool runs
+        only a sub-agent's own tool may start (nested inside it)."""
         self._check_open(type_)
-        if self._open_tool is not None:
-            raise GrammarError(f"{type_} while tool {self._open_tool[0]!r} is running")
+        if self._open_tools and not subagent_tool:
+            raise GrammarError(f"{type_} while tool {self._open_tools[-1][0]!r} is running")
         out: list[Event] = []
         if self._thinking_open and type_ not in ("thinking_delta", "thinking_end"):
             out.append(self._end_thinking())
@@ -175,17 +178,16 @@ class RunLog:
         return out
 
     def tool_started(self, tool: str, args: Any, *, is_subagent: bool = False) -> list[Event]:
-        out = self._body_event("tool_started")
-        self._open_tool = (tool, args, is_subagent)
+        out = self._body_event("tool_started", subagent_tool=is_subagent)
+        self._open_tools.append((tool, args, is_subagent))
         out.append(self._append("tool_started", {"tool": tool, "args": args, "is_subagent": is_subagent}))
         return out
 
     def tool_call(self, result: str, *, success: bool) -> list[Event]:
         self._check_open("tool_call")
-        if self._open_tool is None:
+        if not self._open_tools:
             raise GrammarError("tool_call without tool_started")
-        tool, args, is_subagent = self._open_tool
-        self._open_tool = None
+        tool, args, is_subagent = self._open_tools.pop()
         self.tool_calls.append(ToolCall(tool, args, result, success))
         fields = {"tool": tool, "args": args, "result": result, "success": success, "is_subagent": is_subagent}
         return [self._append("tool_call", fields)]
@@ -199,7 +201,7 @@ class RunLog:
         """Close what a stop cut short: an open tool gets its ``tool_call`` with
         ``success: false, result: "cancelled"``, open thinking gets ``thinking_end``."""
         out: list[Event] = []
-        if self._open_tool is not None:
+        while self._open_tools:
             out.extend(self.tool_call("cancelled", success=False))
         if self._thinking_open:
             out.append(self._end_thinking())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections import deque
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -48,6 +49,8 @@ class RunRequest:
     conn_id: int | None = None
     #: Names of this session's uploads the message refers to (checked on arrival).
     files: list[str] = attrs.field(factory=list)
+    #: This session's upload folder (tools read only there).
+    upload_dir: Path | None = None
 
 
 @attrs.frozen
@@ -145,6 +148,10 @@ class Run:
     failure: str | None = None
     #: The last seq whose text is in the store (checkpoints).
     checkpointed: int = 0
+    #: Loaded before the agent plays, for agents that want it.
+    history: list[dict[str, Any]] = attrs.Factory(list)
+    summary: str | None = None
+    store: Store | None = None
     #: True once the answer is saved (or its save gave up) and the run is deregistered.
     settled: bool = False
     log: RunLog = attrs.field(init=False)
@@ -172,6 +179,14 @@ class Run:
     @property
     def images(self) -> list[str]:
         return self.request.images
+
+    @property
+    def upload_dir(self) -> Path | None:
+        return self.request.upload_dir
+
+    async def save_summary(self, summary: str, through_message_id: str) -> None:
+        if self.store is not None:
+            await self.store.save_summary(self.session_id, summary, through_message_id)
 
     def emit_thinking(self, delta: str) -> None:
         self.publish(self.log.thinking_delta(delta))
@@ -435,6 +450,9 @@ class RunRegistry:
         req = run.request
         log.info("run.started")
         try:
+            if getattr(self._agent, "wants_history", False):
+                run.store = self.store
+                run.summary, run.history = await self.store.load_context(req.session_id)
             # The user's message is saved even if a stop lands at once: shielded, bounded.
             with trio.move_on_after(self._save_timeout_s, shield=True) as begin_scope:
                 await self.store.begin_run(

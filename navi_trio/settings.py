@@ -28,7 +28,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = Path("./navi-data")
-    agent: str = "scripted"
+    #: "scripted", or "openai"; default: "openai" when NAVI_OPENAI_BASE_URL is set.
+    agent: str = ""
     auth: str = "optional"
     store: str = "sqlite"
     heartbeat_s: float = 20.0
@@ -49,6 +50,16 @@ class Settings:
     max_connections_per_user: int = 32
     #: hypercorn's access log: "" (off), "-" (stderr) or a file; tokens are redacted.
     access_log: str = ""
+    #: The OpenAI-compatible endpoint of ``--agent openai`` (CONTRACT section 5).
+    openai_base_url: str = ""
+    openai_api_key: str = attrs.field(default="", repr=False)
+    openai_model: str = "gpt-4o-mini"
+    openai_temperature: float | None = None
+    openai_max_tokens: int | None = None
+    openai_timeout_s: float = 60.0
+    #: History budget (estimated tokens) before older turns are summarised.
+    context_tokens: int = 16_000
+    max_tool_rounds: int = 8
     log_format: str = "auto"
     log_level: str = "info"
 
@@ -72,6 +83,8 @@ class Settings:
         if "auth" not in values or values["auth"] is None:
             host = values.get("host", attrs.fields(cls).host.default)
             values["auth"] = "optional" if _is_loopback(str(host)) else "required"
+        if not values.get("agent"):
+            values["agent"] = "openai" if values.get("openai_base_url") else "scripted"
         if "data_dir" in values:
             values["data_dir"] = Path(values["data_dir"])
         settings = cls(**values)
@@ -83,8 +96,10 @@ class Settings:
             raise ValueError(f"auth must be 'optional' or 'required', not {self.auth!r}")
         if self.store not in ("sqlite", "memory"):
             raise ValueError(f"store must be 'sqlite' or 'memory', not {self.store!r}")
-        if self.agent not in ("scripted",):
-            raise ValueError(f"unknown agent {self.agent!r} (available: scripted)")
+        if self.agent not in ("scripted", "openai"):
+            raise ValueError(f"unknown agent {self.agent!r} (available: scripted, openai)")
+        if self.agent == "openai" and not self.openai_base_url:
+            raise ValueError("--agent openai needs NAVI_OPENAI_BASE_URL")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
         for name in ("heartbeat_s", "grace_s", "save_timeout_s", "send_timeout_s", "checkpoint_s"):
@@ -98,9 +113,9 @@ class Settings:
 
 def _convert(type_: Any, raw: str) -> Any:
     t = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
-    if t == "int":
+    if t in ("int", "int | None"):
         return int(raw)
-    if t == "float":
+    if t in ("float", "float | None"):
         return float(raw)
     if t == "Path":
         return Path(raw)

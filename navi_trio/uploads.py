@@ -77,22 +77,30 @@ def resolve_upload(data_dir: Path, user_id: str | None, session_id: str, name: o
     """The file a message names, if it is an upload of this session; else :class:`BadUpload`
     naming it. Nothing is read: only its metadata is checked (no symlink, a regular file,
     inside the session's own folder)."""
-    shown = name if isinstance(name, str) else repr(name)
-    refused = BadUpload(f"File {shown!r} is not an upload of this session.")
+    if path is not None and (not isinstance(name, str) or path != public_path(session_id, name)):
+        raise _refused(name)
+    return resolve_in(session_dir(data_dir, user_id, session_id), name)
+
+
+def resolve_in(folder: Path, name: object) -> Path:
+    """``folder / name`` if ``name`` is a plain name of a regular file there (not a
+    symlink); else :class:`BadUpload` naming it."""
     if not isinstance(name, str):
-        raise refused
+        raise _refused(name)
     try:
         safe_name(name)
     except BadUpload:
-        raise refused from None
-    if path is not None and path != public_path(session_id, name):
-        raise refused
-    folder = session_dir(data_dir, user_id, session_id)
+        raise _refused(name) from None
     candidate = folder / name
     try:
         st = os.lstat(candidate)
     except OSError:
-        raise refused from None
+        raise _refused(name) from None
     if not stat.S_ISREG(st.st_mode) or candidate.resolve().parent != folder.resolve():
-        raise refused
+        raise _refused(name)
     return candidate
+
+
+def _refused(name: object) -> BadUpload:
+    shown = name if isinstance(name, str) else repr(name)
+    return BadUpload(f"File {shown!r} is not an upload of this session.")

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .base import Agent, RunContext
 from .scripted import ScriptedAgent
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 __all__ = ["Agent", "RunContext", "ScriptedAgent", "make_agent"]
 
 
-def make_agent(name: str) -> Agent:
+def make_agent(settings: Settings) -> Agent:
     """The agent configured by ``--agent`` / ``NAVI_AGENT``. Raises ``ValueError``."""
-    if name == "scripted":
+    if settings.agent == "scripted":
         return ScriptedAgent()
-    raise ValueError(f"unknown agent {name!r}")
+    if settings.agent == "openai":
+        from .openai import OpenAIAgent, OpenAISettings
+
+        return OpenAIAgent(OpenAISettings.from_settings(settings))
+    raise ValueError(f"unknown agent {settings.agent!r}")

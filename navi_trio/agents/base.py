@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -30,6 +31,26 @@ class RunContext(Protocol):
 
     @property
     def images(self) -> list[str]: ...
+
+    @property
+    def upload_dir(self) -> Path | None:
+        """This session's upload folder, for tools that read the user's files."""
+        ...
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Earlier messages (``id``, ``role``, ``content``) after the saved summary, oldest
+        first; loaded only for agents with ``wants_history = True``."""
+        ...
+
+    @property
+    def summary(self) -> str | None:
+        """The saved summary of turns older than ``history``, if any."""
+        ...
+
+    async def save_summary(self, summary: str, through_message_id: str) -> None:
+        """Save a summary of the history up to and including that message."""
+        ...
 
     def emit_thinking(self, delta: str) -> None: ...
 

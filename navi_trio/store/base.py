@@ -103,6 +103,13 @@ class Store(Protocol):
         """At start: every answer still ``running`` (the server died mid-run) becomes
         ``interrupted``, keeping the text saved so far. Returns how many."""
 
+    async def load_context(self, session_id: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """The saved summary and the messages after it (``id``, ``role``, ``content``),
+        oldest first, without answers still running."""
+        ...
+
+    async def save_summary(self, session_id: str, summary: str, through_message_id: str) -> None: ...
+
     # -- users and tokens (only hashes are stored) ---------------------------------------
     async def add_user(self, user: User, token_hash: str) -> None:
         """Raises :class:`~navi_trio.errors.StoreError` if the name is taken."""

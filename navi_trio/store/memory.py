@@ -6,6 +6,8 @@ ahead, see STYLE 4.5) and for throw-away demos (``NAVI_STORE=memory``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import trio
 
@@ -19,6 +21,7 @@ class MemoryStore:
         self.sessions: dict[str, SessionRecord] = {}
         self.messages: dict[str, list[MessageRecord]] = {}
         self.users: dict[str, User] = {}  # by name
+        self.summaries: dict[str, tuple[str, str]] = {}  # session -> (summary, through id)
         self.tokens: dict[str, str] = {}  # token hash -> user id
 
     async def create_session(self, session_id: str, title: str, user_id: str | None) -> SessionRecord:
@@ -85,6 +88,20 @@ class MemoryStore:
                     msgs[i] = attrs.evolve(m, status="interrupted")
                     count += 1
         return count
+
+    async def load_context(self, session_id: str) -> tuple[str | None, list[dict[str, Any]]]:
+        await trio.lowlevel.checkpoint()
+        msgs = [m for m in self.messages.get(session_id, []) if m.status != "running"]
+        summary, through = self.summaries.get(session_id, (None, None))
+        if through is not None:
+            ids = [m.id for m in msgs]
+            if through in ids:
+                msgs = msgs[ids.index(through) + 1 :]
+        return summary, [{"id": m.id, "role": m.role, "content": m.content} for m in msgs]
+
+    async def save_summary(self, session_id: str, summary: str, through_message_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.summaries[session_id] = (summary, through_message_id)
 
     async def add_user(self, user: User, token_hash: str) -> None:
         await trio.lowlevel.checkpoint()

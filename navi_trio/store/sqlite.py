@@ -15,7 +15,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -63,6 +63,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at TEXT NOT NULL
         )""",
         "CREATE INDEX sessions_by_user ON sessions(user_id)",
+    ),
+    (
+        "ALTER TABLE sessions ADD COLUMN summary TEXT",
+        "ALTER TABLE sessions ADD COLUMN summary_through INTEGER NOT NULL DEFAULT 0",
     ),
 )
 
@@ -237,6 +241,29 @@ class SqliteStore:
             return cur.rowcount
 
         return await self._call("marking interrupted answers", q)
+
+    async def load_context(self, session_id: str) -> tuple[str | None, list[dict[str, Any]]]:
+        def q(c: sqlite3.Connection) -> tuple[str | None, list[dict[str, Any]]]:
+            row = c.execute("SELECT summary, summary_through FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            summary, through = (row[0], row[1]) if row else (None, 0)
+            rows = c.execute(
+                "SELECT id, role, content FROM messages WHERE session_id = ? AND ord > ? AND status != 'running'"
+                " ORDER BY ord",
+                (session_id, through),
+            ).fetchall()
+            return summary, [{"id": r[0], "role": r[1], "content": r[2]} for r in rows]
+
+        return await self._call("loading the conversation", q)
+
+    async def save_summary(self, session_id: str, summary: str, through_message_id: str) -> None:
+        def q(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE sessions SET summary = ?, summary_through ="
+                " (SELECT ord FROM messages WHERE id = ?) WHERE id = ?",
+                (summary, through_message_id, session_id),
+            )
+
+        await self._call("saving the conversation summary", q)
 
     async def add_user(self, user: User, token_hash: str) -> None:
         def q(c: sqlite3.Connection) -> None:
