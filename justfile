@@ -25,3 +25,7 @@ lint: install
 # compare navi-trio with the seed's asyncio baseline (../shared/bench/compare.py)
 bench *ARGS: install
     {{py}} bench/compare.py {{ARGS}}
+
+# 1,000 idle connections with heartbeats + 100 paced sessions for 60 s (bench/soak.py)
+soak *ARGS: install
+    {{py}} bench/soak.py {{ARGS}}
