@@ -68,7 +68,7 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
     navi = Path(sys.executable).parent / "navi-trio"
     env = {**os.environ, "NAVI_HEARTBEAT_S": str(a.heartbeat), "NAVI_LOG_LEVEL": "warning"}
     cmd = [str(navi), "serve", "--port", str(port), "--data-dir", str(data)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = await trio.lowlevel.open_process(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     errors: list[str] = []
     late: list[float] = []
@@ -144,7 +144,8 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
                     nursery.start_soon(paced, sid)
     finally:
         proc.terminate()
-        proc.wait(30)
+        with trio.move_on_after(30, shield=True):
+            await proc.wait()
     mid = rss[len(rss) // 2] if rss else None
     return {
         "idle": a.idle,
