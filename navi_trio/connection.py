@@ -15,7 +15,6 @@ runs this connection follows live in the server nursery and go on without it.
 from __future__ import annotations
 
 import itertools
-from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -62,6 +61,28 @@ class Connection:
     """A subscriber connection: the :class:`~navi_trio.runs.Outbox` and
     :class:`~navi_trio.runs.Follower` of its session's runs."""
 
+    __slots__ = (
+        "_answers",
+        "_max_message_chars",
+        "_nursery",
+        "_outbox_recv",
+        "_outbox_send",
+        "_receive",
+        "_send",
+        "_session_owner",
+        "_uploads_root",
+        "close_code",
+        "close_reason",
+        "heartbeat_s",
+        "id",
+        "lagging",
+        "last_send",
+        "registry",
+        "session_id",
+        "subscriptions",
+        "user_id",
+    )
+
     def __init__(
         self,
         registry: RunRegistry,
@@ -87,10 +108,12 @@ class Connection:
         self._receive = receive
         self.heartbeat_s = heartbeat_s
         self._outbox_send, self._outbox_recv = trio.open_memory_channel[OutboxItem](outbox_size)
-        self.lagging: deque[Subscriber] = deque()
+        # Plain lists, not deques: an idle connection is the common case, an empty deque
+        # costs ~600 bytes, and these hold a handful of items at most.
+        self.lagging: list[Subscriber] = []
         #: Answers to client messages: never block the receiver on a full outbox. Bounded:
         #: a client that floods bad messages and never reads loses the oldest answers.
-        self._answers: deque[str] = deque(maxlen=MAX_PENDING_ANSWERS)
+        self._answers: list[str] = []
         self.subscriptions: list[Subscriber] = []
         self.last_send = trio.current_time()
         self.close_code: int | None = None
@@ -196,7 +219,7 @@ class Connection:
         item: OutboxItem
         while True:
             if answers:
-                item = answers.popleft()
+                item = answers.pop(0)
             elif pending is not None:
                 item, pending = pending, None
             else:
@@ -206,7 +229,7 @@ class Connection:
                     if lagging:
                         item = lagging[0].next_catch_up_frame()
                         if item is None:
-                            lagging.popleft()
+                            del lagging[0]
                             continue
                     elif self.close_code is not None:
                         await send({"type": "websocket.close", "code": self.close_code, "reason": self.close_reason})
@@ -258,6 +281,8 @@ class Connection:
 
     # -- client messages ---------------------------------------------------------------
     async def _answer_error(self, message: str) -> None:
+        if len(self._answers) >= MAX_PENDING_ANSWERS:
+            del self._answers[0]
         self._answers.append(error_frame(message))
         self.wake()
         await trio.lowlevel.checkpoint()

@@ -65,7 +65,7 @@ class Queued:
 class Outbox(Protocol):
     """A connection's side of its subscriptions (implemented by ``Connection``)."""
 
-    lagging: deque[Subscriber]
+    lagging: list[Subscriber]
 
     def offer(self, frame: Event | str) -> bool:
         """``send_nowait`` into the outbox; False when it is full (or gone)."""
