@@ -85,11 +85,26 @@ def migrate(conn: sqlite3.Connection) -> int:
     return len(MIGRATIONS)
 
 
+#: Session records kept in memory (they never change; deletes go through this store).
+SESSION_CACHE_SIZE = 10_000
+
+
 class SqliteStore:
+    """One connection, one server process: the run registry is per process too (one run
+    per session can only be guaranteed there), so the database has a single owner and
+    session records can be cached in memory, saving a thread round-trip on every
+    request and WebSocket connect (a stop reaches its run sooner)."""
+
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self._path = path
         self._limiter = trio.CapacityLimiter(1)
+        self._sessions: dict[str, SessionRecord] = {}
+
+    def _remember(self, rec: SessionRecord) -> None:
+        if len(self._sessions) >= SESSION_CACHE_SIZE:
+            self._sessions.pop(next(iter(self._sessions)))
+        self._sessions[rec.id] = rec
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -139,16 +154,25 @@ class SqliteStore:
             )
 
         await self._call("creating a session", q)
+        self._remember(rec)
         return rec
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
+        cached = self._sessions.get(session_id)
+        if cached is not None:
+            await trio.lowlevel.checkpoint()
+            return cached
+
         def q(c: sqlite3.Connection) -> SessionRecord | None:
             row = c.execute(
                 "SELECT id, title, user_id, created_at FROM sessions WHERE id = ?", (session_id,)
             ).fetchone()
             return SessionRecord(*row) if row else None
 
-        return await self._call("reading a session", q)
+        rec = await self._call("reading a session", q)
+        if rec is not None:
+            self._remember(rec)
+        return rec
 
     async def list_sessions(self, user_id: str | None, *, everyone: bool = False) -> list[SessionRecord]:
         def q(c: sqlite3.Connection) -> list[SessionRecord]:
@@ -168,6 +192,8 @@ class SqliteStore:
         return await self._call("listing sessions", q)
 
     async def delete_session(self, session_id: str) -> bool:
+        self._sessions.pop(session_id, None)
+
         def q(c: sqlite3.Connection) -> bool:
             with c:
                 c.execute("BEGIN")
