@@ -313,6 +313,9 @@ class RunRegistry:
         self._idle = trio.Event()
         self._idle.set()
         self._run_started = trio.Event()
+        #: Final answers the store refused (locked, read-only, full): retried every
+        #: checkpoint tick until they are in, so no failed answer stays hidden as running.
+        self._unsaved: dict[str, Answer] = {}
 
     # -- lookups -----------------------------------------------------------------------
     def active(self, session_id: str) -> Run | None:
@@ -501,10 +504,13 @@ class RunRegistry:
             status = "error"
         else:
             status = STATUS_FOR_REASON.get(run.stop_reason or "user", "stopped")
+        answer = run.answer(status)
         try:
-            await self.store.save_answer(run.answer(status))
+            await self.store.save_answer(answer)
         except StoreError as exc:
-            log.error("run.save_failed", error=str(exc))
+            log.error("run.save_failed", error=str(exc), retry_every_s="checkpoint interval")
+            self._unsaved[answer.id] = answer
+            self._run_started.set()  # wake the checkpoint task to retry
         log.info("run.ended", status=status, last_seq=run.log.last_seq, reason=run.stop_reason)
 
     def _finish(self, run: Run) -> None:
@@ -549,10 +555,11 @@ class RunRegistry:
         is harmless, since every run's final save follows anyway.
         """
         while True:
-            if not self._active:
+            if not self._active and not self._unsaved:
                 self._run_started = trio.Event()
                 await self._run_started.wait()
             await trio.sleep(interval_s)
+            await self._retry_unsaved()
             dirty = [r for r in self._active.values() if not r.log.finished and r.checkpointed < r.log.last_seq]
             if not dirty:
                 continue
@@ -569,6 +576,16 @@ class RunRegistry:
                 continue
             for r, seq in zip(dirty, seqs, strict=True):
                 r.checkpointed = seq
+
+    async def _retry_unsaved(self) -> None:
+        for answer_id, answer in list(self._unsaved.items()):
+            try:
+                with trio.move_on_after(self._save_timeout_s):
+                    await self.store.save_answer(answer)
+                    del self._unsaved[answer_id]
+                    log.info("run.save_retried", answer_id=answer_id, status=answer.status)
+            except StoreError:
+                return  # still failing: try again at the next tick
 
     # -- shutdown ----------------------------------------------------------------------
     async def drain(self, grace_s: float) -> None:

@@ -72,17 +72,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema up to date; return the version it is now at."""
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    if version > len(MIGRATIONS):
-        raise StoreError(f"the database is at schema version {version}, newer than this navi-trio knows")
-    for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+    """Bring the schema up to date; return the version it is now at.
+
+    Each step reads the version and applies the next migration inside one ``BEGIN
+    IMMEDIATE`` transaction, so two processes starting on one new file cannot both apply it.
+    """
+    while True:
         with conn:
-            conn.execute("BEGIN")
-            for statement in statements:
+            conn.execute("BEGIN IMMEDIATE")
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version > len(MIGRATIONS):
+                raise StoreError(f"the database is at schema version {version}, newer than this navi-trio knows")
+            if version == len(MIGRATIONS):
+                return int(version)
+            for statement in MIGRATIONS[version]:
                 conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number}")
-    return len(MIGRATIONS)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
 
 
 #: Session records kept in memory (they never change; deletes go through this store).
