@@ -10,18 +10,28 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
 
 from hypercorn.logging import Logger
 
 if TYPE_CHECKING:
     from hypercorn.typing import ResponseSummary, WWWScope
 
-_TOKEN_IN_QUERY = re.compile(r"(?i)((?:^|[?&])(?:token|access_token)=)[^&\s]*")
+_PAIR = re.compile(r"(^|[?&])([^=&?\s]*)=([^&\s]*)")
+_SECRET_KEYS = frozenset({"token", "access_token"})
 REDACTED = "[redacted]"
 
 
 def redact_query(text: str) -> str:
-    return _TOKEN_IN_QUERY.sub(lambda m: m.group(1) + REDACTED, text)
+    """Replace the value of every ``token``/``access_token`` pair, judging each key as the
+    server decodes it (``tok%65n`` is ``token``)."""
+
+    def sub(m: re.Match[str]) -> str:
+        if unquote_plus(m.group(2)).lower() in _SECRET_KEYS:
+            return f"{m.group(1)}{m.group(2)}={REDACTED}"
+        return m.group(0)
+
+    return _PAIR.sub(sub, text)
 
 
 class RedactingLogger(Logger):

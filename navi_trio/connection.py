@@ -14,6 +14,7 @@ runs this connection follows live in the server nursery and go on without it.
 
 from __future__ import annotations
 
+import binascii
 import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -303,8 +304,10 @@ class Connection:
             if self._uploads_root is not None:
                 folder = uploads.session_dir(self._uploads_root, self._session_owner, self.session_id)
                 request = attrs.evolve(request, upload_dir=folder)
+            if request.images:
+                await trio.to_thread.run_sync(check_base64, request.images)
             files = data.get("files")
-            if files:
+            if files is not None and files != []:
                 request = await self._with_files(request, files)
             self.registry.submit(request, if_running)
         except RunAlreadyActive:
@@ -392,19 +395,36 @@ def parse_message(
 
 
 def _parse_images(raw: Any) -> list[str]:
+    """Count and size checks (CONTRACT section 3); the images are kept as sent, so a
+    ``data:`` URL keeps its media type. Their base64 is checked by :func:`check_base64`."""
     if raw is None or raw == []:
         return []
     if not isinstance(raw, list) or not all(isinstance(i, str) for i in raw):
         raise BadClientMessage("images must be a list of base64 strings or data: URLs.")
     if len(raw) > MAX_IMAGES:
         raise BadClientMessage(f"Too many images ({len(raw)}). Max {MAX_IMAGES} allowed.")
-    cleaned: list[str] = []
     total = 0
     for img in raw:
-        if img.startswith("data:") and "," in img:
-            img = img.split(",", 1)[1]
-        total += len(img)
+        total += len(_image_payload(img) if img.startswith("data:") and "," in img else img)
         if total > MAX_IMAGE_BYTES:
             raise BadClientMessage("Total image payload exceeds 50 MB limit.")
-        cleaned.append(img)
-    return cleaned
+    return list(raw)
+
+
+def _image_payload(img: str) -> str:
+    return img.split(",", 1)[1]
+
+
+def check_base64(images: list[str]) -> None:
+    """Each image is base64, or a ``data:<type>;base64,<data>`` URL. Up to 50 MB of
+    decoding: call it in a worker thread. Raises :class:`BadClientMessage`."""
+    for i, img in enumerate(images, start=1):
+        payload = img
+        if img.startswith("data:"):
+            head, comma, payload = img.partition(",")
+            if not comma or not head.endswith(";base64"):
+                raise BadClientMessage(f"Image {i} is not a base64 data: URL.")
+        try:
+            binascii.a2b_base64(payload, strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise BadClientMessage(f"Image {i} is not valid base64.") from None

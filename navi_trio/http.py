@@ -189,6 +189,7 @@ class HttpApi:
         if run is not None:
             await run.done.wait()
         await self.store.delete_session(sid)
+        await trio.to_thread.run_sync(uploads.delete_session_uploads, self.settings.data_dir, session.user_id, sid)
         self.registry.close_followers(sid, 4004, "Session deleted")
         log.info("session.deleted", session_id=sid)
         return 204, None

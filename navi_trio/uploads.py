@@ -8,6 +8,7 @@ Everything here is synchronous file-system work: call it through ``trio.to_threa
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 import unicodedata
@@ -32,6 +33,7 @@ def safe_name(name: str) -> str:
     """
     if (
         not name
+        or len(name) > MAX_NAME_BYTES
         or name in (".", "..")
         or name.startswith(".")
         or "/" in name
@@ -104,3 +106,8 @@ def resolve_in(folder: Path, name: object) -> Path:
 def _refused(name: object) -> BadUpload:
     shown = name if isinstance(name, str) else repr(name)
     return BadUpload(f"File {shown!r} is not an upload of this session.")
+
+
+def delete_session_uploads(data_dir: Path, user_id: str | None, session_id: str) -> None:
+    """Remove a deleted session's upload folder (and everything in it)."""
+    shutil.rmtree(session_dir(data_dir, user_id, session_id), ignore_errors=True)

@@ -51,6 +51,8 @@ SUMMARY_PROMPT: Final = (
 RETRY_ATTEMPTS: Final = 3
 RETRY_BASE_S: Final = 0.5
 KEEP_RECENT_MESSAGES: Final = 4
+#: How long the rest of a malformed stream is read (and dropped) before giving up on it.
+DRAIN_S: Final = 2.0
 
 
 @attrs.frozen
@@ -101,10 +103,14 @@ class OpenAIAgent:
 
     # -- the agent ---------------------------------------------------------------------
     async def play(self, ctx: RunContext) -> None:
-        async with self._client() as client:
-            messages = await self._initial_messages(client, ctx)
-            tool_ctx = ToolContext(ctx.user_id, ctx.session_id, ctx.upload_dir)
-            await self._loop(client, ctx, tool_ctx, messages, is_subagent=False)
+        try:
+            async with self._client() as client:
+                messages = await self._initial_messages(client, ctx)
+                tool_ctx = ToolContext(ctx.user_id, ctx.session_id, ctx.upload_dir)
+                await self._loop(client, ctx, tool_ctx, messages, is_subagent=False)
+        except AgentError as exc:
+            # Messages may quote the endpoint's own text: never let it carry the key.
+            raise AgentError(self._scrub(str(exc))) from None
 
     async def _loop(
         self,
@@ -239,39 +245,55 @@ class OpenAIAgent:
             if emit:
                 ctx.emit_thinking(piece)
 
+        malformed: StreamFormatError | None = None
         async with self._request(client, payload) as response:
             decoder = SSEDecoder()
-            try:
-                async for line in response.aiter_lines():
-                    data = decoder.feed_line(line)
-                    if data is None:
-                        continue
-                    if data.strip() == DONE:
-                        finished = True
-                        break
-                    chunk = parse_chunk(data)
-                    for choice in chunk.get("choices") or []:
-                        delta = choice.get("delta") or {}
-                        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                        if isinstance(reasoning, str) and reasoning:
-                            field_thinking = True
-                            on_think(reasoning)
-                        content = delta.get("content")
-                        if isinstance(content, str) and content:
-                            if field_thinking:
-                                field_thinking = False
-                                if emit:
-                                    ctx.emit_thinking_end()
-                            for kind, piece in splitter.feed(content):
-                                _route(kind, piece, on_text, on_think, ctx, emit)
-                        if delta.get("tool_calls") is not None:
-                            assembler.feed(delta["tool_calls"])
-                        if choice.get("finish_reason"):
+            # After [DONE] or a malformed chunk the body is read to its end (bounded in
+            # time once malformed) instead of breaking out: leaving httpx's line iterator
+            # early abandons its nested async generators unclosed.
+            with trio.CancelScope() as drain:
+                try:
+                    async for line in response.aiter_lines():
+                        data = decoder.feed_line(line)
+                        if data is None or malformed is not None:
+                            continue
+                        if data.strip() == DONE:
                             finished = True
-            except StreamFormatError as exc:
-                raise AgentError(f"The model endpoint sent a malformed stream ({exc}).") from None
-            except (httpx.TransportError, httpx.StreamError):
-                raise AgentError("The connection to the model endpoint broke in the middle of the answer.") from None
+                            continue
+                        try:
+                            chunk = parse_chunk(data)
+                            for choice in chunk.get("choices") or []:
+                                delta = choice.get("delta") or {}
+                                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                                if isinstance(reasoning, str) and reasoning:
+                                    field_thinking = True
+                                    on_think(reasoning)
+                                content = delta.get("content")
+                                if isinstance(content, str) and content:
+                                    if field_thinking:
+                                        field_thinking = False
+                                        if emit:
+                                            ctx.emit_thinking_end()
+                                    for kind, piece in splitter.feed(content):
+                                        _route(kind, piece, on_text, on_think, ctx, emit)
+                                if delta.get("tool_calls") is not None:
+                                    assembler.feed(delta["tool_calls"])
+                                if choice.get("finish_reason"):
+                                    finished = True
+                        except StreamFormatError as exc:
+                            malformed = exc
+                            drain.deadline = trio.current_time() + DRAIN_S
+                except httpx.TimeoutException:
+                    if malformed is None:
+                        stalled = f"The model endpoint stopped sending for {self.s.timeout_s:g} s"
+                        raise AgentError(f"{stalled} in the middle of the answer.") from None
+                except (httpx.TransportError, httpx.StreamError):
+                    if malformed is None:
+                        raise AgentError(
+                            "The connection to the model endpoint broke in the middle of the answer."
+                        ) from None
+        if malformed is not None:
+            raise AgentError(f"The model endpoint sent a malformed stream ({malformed}).")
         for kind, piece in splitter.flush():
             _route(kind, piece, on_text, on_think, ctx, emit)
         if emit and (field_thinking or splitter.inside):
