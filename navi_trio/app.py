@@ -81,10 +81,14 @@ class NaviApp:
         settings = self.settings
         try:
             async with open_store(settings) as store, trio.open_nursery() as server_nursery:
+                agent = make_agent(settings)
+                pacer = getattr(agent, "pacer", None)
+                if pacer is not None:
+                    server_nursery.start_soon(pacer.serve)
                 registry = RunRegistry(
                     server_nursery,
                     store,
-                    make_agent(settings),
+                    agent,
                     save_timeout_s=settings.save_timeout_s,
                     max_queued_runs=settings.max_queued_runs,
                 )

@@ -47,8 +47,9 @@ CLOSE_DENIED: Final = 4003
 CLOSE_RESTART: Final = 1012
 CLOSE_POLICY: Final = 1008
 
-#: Queued items behind a delta before the writer merges deltas (a reader that is behind).
-MERGE_BACKLOG: Final = 8
+#: A delta that waited this long in the outbox means the reader is behind: the writer
+#: then merges it with the same-kind deltas queued behind it.
+MERGE_AFTER_S: Final = 0.005
 MAX_PENDING_ANSWERS: Final = 32
 
 _conn_ids = itertools.count(1)
@@ -207,10 +208,10 @@ class Connection:
     async def _writer(self) -> None:
         """The only task that calls ``send``. Ends after writing a requested close.
 
-        When at least ``MERGE_BACKLOG`` items piled up in the outbox while earlier frames
-        were being sent, the queued deltas of one kind are written as one merged frame
-        (with the seq of the last one): this reader is behind by exactly those events.
-        Nothing ever waits to make a batch.
+        When a delta has waited ``MERGE_AFTER_S`` or more in the outbox (earlier frames
+        were still being sent: the reader is behind), it is written merged with the
+        same-kind deltas queued behind it, with the seq of the last one. Nothing ever waits
+        to make a batch, and a reader that keeps up gets every delta on its own.
         """
         send = self._send
         recv = self._outbox_recv
@@ -243,7 +244,7 @@ class Connection:
                 continue
             if isinstance(item, str):
                 frame = item
-            elif item.delta is None or recv.statistics().current_buffer_used < MERGE_BACKLOG:
+            elif item.delta is None or trio.current_time() - item.t < MERGE_AFTER_S:
                 frame = item.wire
             else:
                 frame, pending = _coalesce(item, recv)

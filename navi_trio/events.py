@@ -11,7 +11,7 @@ one kind merged into one frame that carries the seq of the last event merged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import attrs
@@ -59,6 +59,9 @@ class Event:
     type: str
     wire: str
     delta: str | None = None
+    #: When the event was appended, on the run's clock (lets a writer see how far behind
+    #: its reader is).
+    t: float = 0.0
 
 
 @attrs.define(eq=False)
@@ -79,10 +82,21 @@ class RunLog:
     interrupted half-way, so "event emitted" and "state updated" never come apart.
     """
 
-    __slots__ = ("_open_tools", "_thinking_open", "events", "run_id", "terminal", "text", "thinking", "tool_calls")
+    __slots__ = (
+        "_clock",
+        "_open_tools",
+        "_thinking_open",
+        "events",
+        "run_id",
+        "terminal",
+        "text",
+        "thinking",
+        "tool_calls",
+    )
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, clock: Callable[[], float] | None = None) -> None:
         self.run_id = run_id
+        self._clock = clock
         self.events: list[Event] = []
         self.text: list[str] = []
         self.thinking: list[str] = []
@@ -125,7 +139,7 @@ class RunLog:
         obj: dict[str, Any] = {"type": type_, "seq": seq}
         if fields:
             obj.update(fields)
-        event = Event(seq, type_, encode(obj), delta)
+        event = Event(seq, type_, encode(obj), delta, self._clock() if self._clock is not None else 0.0)
         self.events.append(event)
         if type_ in TERMINAL_TYPES:
             self.terminal = event

@@ -157,7 +157,7 @@ class Run:
     log: RunLog = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.log = RunLog(self.id)
+        self.log = RunLog(self.id, clock=trio.current_time)
 
     # -- RunContext --------------------------------------------------------------------
     @property
@@ -316,6 +316,9 @@ class RunRegistry:
         #: Final answers the store refused (locked, read-only, full): retried every
         #: checkpoint tick until they are in, so no failed answer stays hidden as running.
         self._unsaved: dict[str, Answer] = {}
+        #: Runs waiting for their user message to be saved; written together (below).
+        self._begins: list[tuple[NewRun, trio.Event, list[StoreError | None]]] = []
+        self._begin_flusher = False
 
     # -- lookups -----------------------------------------------------------------------
     def active(self, session_id: str) -> Run | None:
@@ -458,7 +461,7 @@ class RunRegistry:
                 run.summary, run.history = await self.store.load_context(req.session_id)
             # The user's message is saved even if a stop lands at once: shielded, bounded.
             with trio.move_on_after(self._save_timeout_s, shield=True) as begin_scope:
-                await self.store.begin_run(
+                await self._begin(
                     NewRun(req.session_id, uuid.uuid4().hex, req.original_content, run.answer_id, utc_now())
                 )
             if begin_scope.cancelled_caught:
@@ -490,6 +493,53 @@ class RunRegistry:
             if save_scope.cancelled_caught:
                 log.error("run.save_timed_out", timeout_s=self._save_timeout_s)
             self._finish(run)
+
+    async def _begin(self, new_run: NewRun) -> None:
+        """Save a run's user message (and its running answer), group-committed: all runs
+        starting at the same moment share one transaction, written by a flusher task in the
+        server nursery that lives only while there is something to write.
+
+        Cancellation: the caller waits in a shielded, bounded scope; the flusher's write is
+        shielded and bounded too. Raises :class:`StoreError`.
+        """
+        done = trio.Event()
+        result: list[StoreError | None] = [None]
+        self._begins.append((new_run, done, result))
+        if not self._begin_flusher:
+            self._begin_flusher = True
+            self._nursery.start_soon(self._flush_begins, name="begin-runs")
+        await done.wait()
+        if result[0] is not None:
+            raise result[0]
+
+    async def _flush_begins(self) -> None:
+        try:
+            while self._begins:
+                batch, self._begins = self._begins, []
+                errors: list[StoreError | None] = [None] * len(batch)
+                with trio.move_on_after(self._save_timeout_s, shield=True) as scope:
+                    try:
+                        await self.store.begin_runs([b[0] for b in batch])
+                    except StoreError as exc:
+                        if len(batch) == 1:
+                            errors[0] = exc
+                        else:  # one bad row (a session just deleted) must not fail the others
+                            for i, (new_run, _, _) in enumerate(batch):
+                                try:
+                                    await self.store.begin_runs([new_run])
+                                except StoreError as one:
+                                    errors[i] = one
+                if scope.cancelled_caught:
+                    errors = [e or StoreError("timed out saving the user's message") for e in errors]
+                for (_, done, result), error in zip(batch, errors, strict=True):
+                    result[0] = error
+                    done.set()
+        finally:
+            self._begin_flusher = False
+            for _, done, result in self._begins:  # cancelled with work left: fail it, don't hang
+                result[0] = StoreError("the server stopped before the message was saved")
+                done.set()
+            self._begins = []
 
     async def _save(self, run: Run) -> None:
         """Save the answer with the status its terminal event gives; log a store fault.

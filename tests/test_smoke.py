@@ -10,7 +10,8 @@ async def test_scripted_run_end_to_end(server: Server) -> None:
         sid = await server.new_session()
         async with server.connect(sid) as c:
             assert (await c.recv())["type"] == "session_sync"
-            await c.send_message(script({"think": "hmm"}, {"text": "ab", "repeat": 3}))
+            # Paced, so that no delta waits behind another (a burst may arrive merged).
+            await c.send_message(script({"think": "hmm"}, {"text": "ab", "repeat": 3, "delay": 0.05}))
             got = await c.until_terminal()
         assert_grammar(got, merged=False)
         assert got[-1] == {"type": "stream_end", "seq": got[-1]["seq"], "content": "ababab"}

@@ -18,6 +18,7 @@ import trio
 
 from ..errors import AgentError
 from .base import RunContext
+from .pacing import Pacer
 
 BURST: Final = 8
 #: The demonstration answer streams its words at a model's pace.
@@ -30,7 +31,9 @@ class ScriptError(AgentError):
 
 
 class ScriptedAgent:
-    def __init__(self) -> None:
+    def __init__(self, pacer: Pacer | None = None) -> None:
+        #: Paces text steps; the server runs ``pacer.serve`` in its nursery.
+        self.pacer = pacer if pacer is not None else Pacer()
         # Tool threads are abandoned on stop; bound how many can pile up.
         self._tool_threads = trio.CapacityLimiter(64)
 
@@ -54,7 +57,7 @@ class ScriptedAgent:
         start = trio.current_time()
         for i, word in enumerate(words):
             if i:
-                await trio.sleep_until(start + i * DEMO_WORD_DELAY_S)
+                await self.pacer.sleep_until(start + i * DEMO_WORD_DELAY_S)
             ctx.emit_text(word)
 
     async def _step(self, ctx: RunContext, index: int, step: Any) -> None:
@@ -93,7 +96,7 @@ class ScriptedAgent:
         for i in range(repeat):
             if delay:
                 if i:
-                    await trio.sleep_until(start + i * delay)
+                    await self.pacer.sleep_until(start + i * delay)
             elif i % BURST == BURST - 1:
                 await trio.lowlevel.checkpoint()
             ctx.emit_text(f"[t={time.time():.6f}]{chunk}" if stamp else chunk)

@@ -92,6 +92,9 @@ class Store(Protocol):
     async def begin_run(self, new_run: NewRun) -> None:
         """Save the user's message and an answer with status ``running``."""
 
+    async def begin_runs(self, new_runs: list[NewRun]) -> None:
+        """:meth:`begin_run` for several runs, in one transaction."""
+
     async def save_answer(self, answer: Answer) -> None:
         """Write the answer's final state (its status, text, thinking and tool calls)."""
 

@@ -56,6 +56,10 @@ class MemoryStore:
         )
         msgs.append(MessageRecord(new_run.answer_id, "assistant", "", new_run.created_at, "running", "", []))
 
+    async def begin_runs(self, new_runs: list[NewRun]) -> None:
+        for new_run in new_runs:
+            await self.begin_run(new_run)
+
     async def save_answer(self, answer: Answer) -> None:
         await trio.lowlevel.checkpoint()
         self._update(answer, only_running=False)

@@ -220,23 +220,33 @@ class SqliteStore:
         return await self._call("listing messages", q)
 
     async def begin_run(self, new_run: NewRun) -> None:
+        await self.begin_runs([new_run])
+
+    async def begin_runs(self, new_runs: list[NewRun]) -> None:
         def q(c: sqlite3.Connection) -> None:
             with c:
                 c.execute("BEGIN")
-                (ord_,) = c.execute(
-                    "SELECT COALESCE(MAX(ord), 0) FROM messages WHERE session_id = ?", (new_run.session_id,)
-                ).fetchone()
-                c.execute(
-                    "INSERT INTO messages (id, session_id, ord, role, content, status, created_at)"
-                    " VALUES (?, ?, ?, 'user', ?, 'complete', ?)",
-                    (new_run.user_message_id, new_run.session_id, ord_ + 1, new_run.user_content, new_run.created_at),
-                )
-                c.execute(
-                    "INSERT INTO messages"
-                    " (id, session_id, ord, role, content, thinking, tool_calls, status, created_at)"
-                    " VALUES (?, ?, ?, 'assistant', '', '', '[]', 'running', ?)",
-                    (new_run.answer_id, new_run.session_id, ord_ + 2, new_run.created_at),
-                )
+                for new_run in new_runs:
+                    (ord_,) = c.execute(
+                        "SELECT COALESCE(MAX(ord), 0) FROM messages WHERE session_id = ?", (new_run.session_id,)
+                    ).fetchone()
+                    c.execute(
+                        "INSERT INTO messages (id, session_id, ord, role, content, status, created_at)"
+                        " VALUES (?, ?, ?, 'user', ?, 'complete', ?)",
+                        (
+                            new_run.user_message_id,
+                            new_run.session_id,
+                            ord_ + 1,
+                            new_run.user_content,
+                            new_run.created_at,
+                        ),
+                    )
+                    c.execute(
+                        "INSERT INTO messages"
+                        " (id, session_id, ord, role, content, thinking, tool_calls, status, created_at)"
+                        " VALUES (?, ?, ?, 'assistant', '', '', '[]', 'running', ?)",
+                        (new_run.answer_id, new_run.session_id, ord_ + 2, new_run.created_at),
+                    )
 
         await self._call("saving the user's message", q)
 
