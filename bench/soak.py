@@ -6,8 +6,9 @@ one trio client process:
 
 - opens ``--idle`` WebSockets on their own sessions and records when each heartbeat
   arrives; a heartbeat is *late* by (gap since the previous frame) - heartbeat_s;
-- runs ``--sessions`` sessions that stream a stamped delta every ``--delay`` seconds
-  for ``--seconds``, checking every delta arrives and the run ends with stream_end;
+- runs ``--sessions`` sessions that stream a stamped delta every ``--delay`` seconds, in
+  runs of ``--run-deltas`` back to back for ``--seconds``, checking every delta arrives
+  and every run ends with stream_end;
 - samples the server's RSS every second.
 
 Prints one JSON line: errors, max heartbeat lateness, event latency p50/p99, and RSS at
@@ -106,26 +107,34 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
                     errors.append(f"idle {sid}: {exc!r}")
 
             async def paced(sid: str) -> None:
-                repeat = int(a.seconds / a.delay)
-                content = json.dumps({"script": [{"text": "x", "repeat": repeat, "delay": a.delay, "stamp": True}]})
+                # Runs of --run-deltas deltas back to back until --seconds have passed: a run's
+                # log is held until it ends, so flat memory across many runs means no leak.
+                content = json.dumps(
+                    {"script": [{"text": "x", "repeat": a.run_deltas, "delay": a.delay, "stamp": True}]}
+                )
+                stop_at = trio.current_time() + a.seconds
                 try:
                     async with open_websocket_url(
                         f"ws://127.0.0.1:{port}/ws/sessions/{sid}", max_message_size=2**26
                     ) as ws:
-                        await ws.send_message(json.dumps({"type": "message", "content": content}))
-                        got = 0
-                        with trio.fail_after(a.seconds + 30):
-                            while True:
-                                msg = json.loads(await ws.get_message())
-                                if msg["type"] == "stream_delta":
-                                    t = time.time()
-                                    stamps = STAMP.findall(msg["delta"])
-                                    got += len(stamps)
-                                    lat.extend(t - float(x) for x in stamps)
-                                elif msg["type"] in ("stream_end", "stream_stopped", "error"):
-                                    break
-                        if msg["type"] != "stream_end" or got != repeat:
-                            errors.append(f"paced {sid}: {msg['type']} after {got}/{repeat} deltas")
+                        await ws.get_message()  # session_sync
+                        runs = 0
+                        while trio.current_time() < stop_at and runs < 10_000:
+                            runs += 1
+                            await ws.send_message(json.dumps({"type": "message", "content": content}))
+                            got = 0
+                            with trio.fail_after(a.run_deltas * a.delay + 30):
+                                while True:
+                                    msg = json.loads(await ws.get_message())
+                                    if msg["type"] == "stream_delta":
+                                        t = time.time()
+                                        stamps = STAMP.findall(msg["delta"])
+                                        got += len(stamps)
+                                        lat.extend(t - float(x) for x in stamps)
+                                    elif msg["type"] in ("stream_end", "stream_stopped", "error"):
+                                        break
+                            if msg["type"] != "stream_end" or got != a.run_deltas:
+                                errors.append(f"paced {sid}: {msg['type']} after {got}/{a.run_deltas} deltas")
                 except (ConnectionClosed, OSError, trio.TooSlowError) as exc:
                     errors.append(f"paced {sid}: {exc!r}")
 
@@ -171,6 +180,7 @@ if __name__ == "__main__":
     p.add_argument("--sessions", type=int, default=100)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--delay", type=float, default=0.02)
+    p.add_argument("--run-deltas", type=int, default=100, help="deltas per run; runs follow each other")
     p.add_argument("--heartbeat", type=float, default=5.0)
     args = p.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
