@@ -16,6 +16,7 @@ import structlog
 import trio
 
 from .agents import make_agent
+from .agents.pacing import Pacer
 from .auth import AccessDenied, AuthError, authenticate, bearer_token, check_access
 from .connection import CLOSE_DENIED, CLOSE_NOT_FOUND, CLOSE_POLICY, CLOSE_RESTART, Connection
 from .errors import StoreError
@@ -39,10 +40,11 @@ REVOCATION_POLL_S: Final = 1.0
 class Services:
     """What the lifespan task opens and every connection uses."""
 
-    def __init__(self, settings: Settings, registry: RunRegistry) -> None:
+    def __init__(self, settings: Settings, registry: RunRegistry, pacer: Pacer) -> None:
         self.settings = settings
         self.registry = registry
         self.http = HttpApi(registry, registry.store, settings)
+        self.pacer = pacer
 
 
 class NaviApp:
@@ -81,10 +83,10 @@ class NaviApp:
         settings = self.settings
         try:
             async with open_store(settings) as store, trio.open_nursery() as server_nursery:
-                agent = make_agent(settings)
-                pacer = getattr(agent, "pacer", None)
-                if pacer is not None:
-                    server_nursery.start_soon(pacer.serve)
+                # One shared timer for paced runs and every connection's heartbeat.
+                pacer = Pacer()
+                server_nursery.start_soon(pacer.serve)
+                agent = make_agent(settings, pacer=pacer)
                 registry = RunRegistry(
                     server_nursery,
                     store,
@@ -97,7 +99,7 @@ class NaviApp:
                     log.warning("store.recovered_interrupted_answers", count=recovered)
                 server_nursery.start_soon(registry.serve_checkpoints, settings.checkpoint_s)
                 server_nursery.start_soon(registry.serve_revocations, REVOCATION_POLL_S)
-                services = Services(settings, registry)
+                services = Services(settings, registry, pacer)
                 scope["state"][STATE_KEY] = services
                 self.services = services
                 server_nursery.start_soon(self._drain_on_request, registry)
@@ -182,6 +184,7 @@ class NaviApp:
             uploads_root=settings.data_dir,
             session_owner=session.user_id,
             max_message_chars=settings.max_message_chars,
+            pacer=services.pacer,
         )
         await conn.serve(resume_run_id=_first(query, "run_id"), resume_after=_int_or_none(_first(query, "after")))
 

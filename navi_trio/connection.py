@@ -25,6 +25,7 @@ import structlog
 import trio
 
 from . import uploads
+from .agents.pacing import Pacer
 from .errors import BadClientMessage, QueueFull, RunAlreadyActive, ShuttingDown
 from .events import HEARTBEAT, MERGE_MAX_CHARS, SESSION_SYNC, Event, encode, error_frame
 from .runs import IF_RUNNING, Run, RunRegistry, RunRequest, Subscriber
@@ -69,6 +70,7 @@ class Connection:
         "_nursery",
         "_outbox_recv",
         "_outbox_send",
+        "_pacer",
         "_receive",
         "_send",
         "_session_owner",
@@ -98,11 +100,15 @@ class Connection:
         uploads_root: Path | None = None,
         session_owner: str | None = None,
         max_message_chars: int = 100_000,
+        pacer: Pacer | None = None,
     ) -> None:
         self.id = next(_conn_ids)
         self._uploads_root = uploads_root
         self._session_owner = session_owner
         self._max_message_chars = max_message_chars
+        #: The shared timer: a parked heartbeat holds no cancel scope (an idle connection
+        #: is the common case, so this is memory and wake-up cost per connection).
+        self._pacer = pacer if pacer is not None else Pacer()
         self.registry = registry
         self.session_id = session_id
         self.user_id = user_id
@@ -260,7 +266,7 @@ class Connection:
                 self.offer(HEARTBEAT)  # a full outbox means we are sending anyway
                 self.last_send = now
                 due = now + hb
-            await trio.sleep_until(due)
+            await self._pacer.sleep_until(due)
 
     async def _receiver(self) -> None:
         receive = self._receive

@@ -729,7 +729,7 @@ class _ThinkForever:
 
 
 async def test_stop_while_thinking_gets_thinking_end(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("navi_trio.app.make_agent", lambda name: _ThinkForever())
+    monkeypatch.setattr("navi_trio.app.make_agent", lambda *_args, **_kwargs: _ThinkForever())
     with trio.fail_after(10):
         async with open_server() as srv:
             sid = await srv.new_session()

@@ -9,14 +9,15 @@ from .scripted import ScriptedAgent
 
 if TYPE_CHECKING:
     from ..settings import Settings
+    from .pacing import Pacer
 
 __all__ = ["Agent", "RunContext", "ScriptedAgent", "make_agent"]
 
 
-def make_agent(settings: Settings) -> Agent:
+def make_agent(settings: Settings, pacer: Pacer | None = None) -> Agent:
     """The agent configured by ``--agent`` / ``NAVI_AGENT``. Raises ``ValueError``."""
     if settings.agent == "scripted":
-        return ScriptedAgent()
+        return ScriptedAgent(pacer)
     if settings.agent == "openai":
         from .openai import OpenAIAgent, OpenAISettings
 
