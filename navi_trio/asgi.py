@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from .app import create_app
 from .logs import configure_logging
+from .server import tune_gc
 from .settings import Settings
 
 _settings = Settings.from_env()
 configure_logging(_settings.log_format, _settings.log_level)
 app = create_app(_settings, watch_signals=True)
+tune_gc()

@@ -7,6 +7,7 @@ and returns, so hypercorn stops accepting at once. A second signal exits immedia
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -26,6 +27,24 @@ log = structlog.get_logger("navi_trio.server")
 
 #: hypercorn's per-message WebSocket limit: room for the 50 MB image budget, base64'd.
 WEBSOCKET_MAX_MESSAGE = 72 * 1024 * 1024
+
+
+#: Allocations between young-generation collections (CPython's default is 700).
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Collect cyclic garbage less often, and never rescan what exists at start.
+
+    Why: a streaming server allocates a few small objects per event and keeps many alive
+    (run logs, connection state); with CPython's defaults the cycle collector ran so often
+    that it doubled the p99 event latency of 200 paced sessions (bench scenario 6: 163-186
+    ms -> 77-83 ms). Reference counting still frees almost everything at once; only
+    cycles wait a little longer. ``gc.freeze`` moves the objects alive after start-up (the
+    modules, the app) out of every later collection.
+    """
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 100)
+    gc.freeze()
 
 
 def listening_socket(host: str, port: int, send_timeout_s: float) -> int:
@@ -81,6 +100,7 @@ async def serve(
     except OSError as exc:
         raise SystemExit(f"navi-trio: cannot listen on {settings.host}:{settings.port}: {exc}") from None
     first_signal = trio.Event()
+    tune_gc()
 
     async def shutdown_trigger() -> None:
         await first_signal.wait()
