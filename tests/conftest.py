@@ -1,8 +1,10 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
+import structlog
 
 from .helpers import Server, open_server
 
@@ -12,3 +14,23 @@ async def server() -> AsyncIterator[Server]:
     """A real hypercorn server (memory store) on 127.0.0.1:0; see ``helpers.open_server``."""
     async with open_server() as srv:
         yield srv
+
+
+@pytest.fixture
+def log_events() -> Iterator[list[dict[str, Any]]]:
+    """Every structlog event of the test, with its bound context (nothing printed)."""
+    events: list[dict[str, Any]] = []
+
+    def collect(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        events.append(dict(event_dict))
+        raise structlog.DropEvent
+
+    old = structlog.get_config()
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level, collect],
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield events
+    finally:
+        structlog.configure(**old)

@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-import structlog
 import trio
 
 from .helpers import Server, script
-
-
-@pytest.fixture
-def log_events() -> Iterator[list[dict[str, Any]]]:
-    events: list[dict[str, Any]] = []
-
-    def collect(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        events.append(dict(event_dict))
-        raise structlog.DropEvent
-
-    old = structlog.get_config()
-    structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level, collect],
-        cache_logger_on_first_use=False,
-    )
-    try:
-        yield events
-    finally:
-        structlog.configure(**old)
 
 
 async def test_run_lines_carry_session_run_and_connection(server: Server, log_events: list[dict[str, Any]]) -> None:

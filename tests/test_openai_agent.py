@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 import trio
 
 from navi_trio import uploads
@@ -888,22 +887,6 @@ async def test_the_endpoint_failing_after_a_tool_round_is_still_one_error(fake: 
         _run, evs, _store = await play(fake.base_url, "hello")
     assert types(evs)[:3] == ["stream_start", "tool_started", "tool_call"]
     assert_user_error(evs, "broke")
-
-
-@pytest.fixture
-def log_events() -> Iterator[list[dict[str, Any]]]:
-    events: list[dict[str, Any]] = []
-
-    def collect(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        events.append(dict(event_dict))
-        raise structlog.DropEvent
-
-    old = structlog.get_config()
-    structlog.configure(processors=[structlog.processors.add_log_level, collect], cache_logger_on_first_use=False)
-    try:
-        yield events
-    finally:
-        structlog.configure(**old)
 
 
 @pytest.mark.parametrize(
