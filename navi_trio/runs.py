@@ -100,7 +100,9 @@ class Subscriber:
     outbox: Outbox
     queued: int = 0
     lagging: bool = False
-    prelude: deque[str] = attrs.Factory(deque)
+    #: At most two frames (stream_start, replay_start): a list, not a deque (~600 bytes
+    #: each), since there is one Subscriber per connection per run.
+    prelude: list[str] = attrs.Factory(list)
     #: While replaying: the seq the replay ends at (``replay_end`` is written after it).
     replay_until: int | None = None
     sync_after: bool = False
@@ -115,7 +117,7 @@ class Subscriber:
         """The next frame this lagging subscriber needs, or None once it is caught up
         (it is then re-armed: live events reach it through the outbox again)."""
         if self.prelude:
-            return self.prelude.popleft()
+            return self.prelude.pop(0)
         run = self.run
         if self.replay_until is not None:
             if self.queued < self.replay_until:
