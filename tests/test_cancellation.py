@@ -618,6 +618,9 @@ async def test_slow_subscriber_never_slows_the_run_or_others(autojump_clock: tri
                 assert text_of(s_got) == BIG_CHUNK * BIG_REPEAT
                 assert s_got[-1] == f_events[-1]
                 assert len(s_got) < len(f_events)  # some deltas reached S merged
+                # The client can read the last frame before the server's writer loops once
+                # more and re-arms S: settle first (autojump does not advance meanwhile).
+                await trio.testing.wait_all_tasks_blocked()
                 assert not s_sub.lagging
                 await assert_only_heartbeat_next(s, server.app.settings.heartbeat_s, t_s_end)
             await assert_no_connection_tasks(baseline)
