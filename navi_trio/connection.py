@@ -412,14 +412,19 @@ def _parse_images(raw: Any) -> list[str]:
         raise BadClientMessage(f"Too many images ({len(raw)}). Max {MAX_IMAGES} allowed.")
     total = 0
     for img in raw:
-        total += len(_image_payload(img) if img.startswith("data:") and "," in img else img)
+        parts = _data_url(img)
+        total += len(parts[1] if parts else img)
         if total > MAX_IMAGE_BYTES:
             raise BadClientMessage("Total image payload exceeds 50 MB limit.")
     return list(raw)
 
 
-def _image_payload(img: str) -> str:
-    return img.split(",", 1)[1]
+def _data_url(img: str) -> tuple[str, str] | None:
+    """``(head, payload)`` of a ``data:<head>,<payload>`` image, or None if it is not one."""
+    if not img.startswith("data:"):
+        return None
+    head, comma, payload = img.partition(",")
+    return (head, payload) if comma else None
 
 
 def check_base64(images: list[str]) -> None:
@@ -428,9 +433,10 @@ def check_base64(images: list[str]) -> None:
     for i, img in enumerate(images, start=1):
         payload = img
         if img.startswith("data:"):
-            head, comma, payload = img.partition(",")
-            if not comma or not head.endswith(";base64"):
+            parts = _data_url(img)
+            if parts is None or not parts[0].endswith(";base64"):
                 raise BadClientMessage(f"Image {i} is not a base64 data: URL.")
+            payload = parts[1]
         try:
             binascii.a2b_base64(payload, strict_mode=True)
         except (binascii.Error, ValueError):

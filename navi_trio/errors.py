@@ -28,10 +28,6 @@ class ShuttingDown(NaviError):
     """The server is draining and takes no new runs."""
 
 
-class SessionNotFound(NaviError):
-    """No session with that id."""
-
-
 class AgentError(NaviError):
     """The agent failed in a way it chose to report; ``str(exc)`` reaches the user."""
 

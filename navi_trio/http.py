@@ -59,8 +59,8 @@ async def _send_json(send: Send, status: int, body: Any) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes with 413."""
+async def read_body(receive: Receive, limit: int, too_large: str | None = None) -> bytes:
+    """The request body, refusing more than ``limit`` bytes with 413 (``too_large`` says why)."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -70,7 +70,7 @@ async def read_body(receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise HTTPError(413, f"Request body too large (max {limit} bytes)")
+            raise HTTPError(413, too_large or f"Request body too large (max {limit} bytes)")
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -203,15 +203,11 @@ class HttpApi:
         except uploads.BadUpload as exc:
             raise HTTPError(422, str(exc)) from None
         limit = int(self.settings.max_upload_mb * 1024 * 1024)
+        too_large = f"Upload too large (max {self.settings.max_upload_mb:g} MB)"
         for header, value in scope["headers"]:
             if header == b"content-length" and value.isdigit() and int(value) > limit:
-                raise HTTPError(413, f"Upload too large (max {self.settings.max_upload_mb:g} MB)")
-        try:
-            body = await read_body(receive, limit)
-        except HTTPError as exc:
-            if exc.status == 413:
-                raise HTTPError(413, f"Upload too large (max {self.settings.max_upload_mb:g} MB)") from None
-            raise
+                raise HTTPError(413, too_large)
+        body = await read_body(receive, limit, too_large)
         saved = await trio.to_thread.run_sync(
             uploads.save_upload, self.settings.data_dir, session.user_id, session.id, name, body
         )

@@ -9,7 +9,7 @@ STYLE 1.2) and httpx.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -189,10 +189,3 @@ async def open_server(settings: Settings | None = None, **overrides: Any) -> Asy
                 stop.set()
     assert app.services is not None
     assert not app.services.registry.runs, "a run outlived the server"
-
-
-async def collect(client: Client, until: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
-    got = [await client.recv()]
-    while not until(got[-1]):
-        got.append(await client.recv())
-    return got
