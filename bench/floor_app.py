@@ -10,6 +10,11 @@ It implements just what ``../shared/bench/loadgen.py`` uses in stream mode: ``PO
 ``stream_start``, the deltas (paced with ``trio.sleep_until`` on a fixed schedule, stamped
 with the wall clock when asked) and ``stream_end``. If navi-trio's figure is close to this
 app's, the gap to the asyncio seed is the stack's, not navi-trio's.
+
+``bench.floor_app:handoff_app`` is the same with the one thing navi-trio's architecture
+adds on the way from agent to socket: the run is a task in a server-lifetime nursery (so a
+disconnect cannot cancel it) that hands each frame to the connection's writer task through
+a bounded memory channel, instead of sending it inline.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+
+_runs: trio.Nursery | None = None  # handoff_app: the server-lifetime nursery of runs
 
 _ids = itertools.count(1)
 
@@ -44,14 +52,67 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if message["type"] == "websocket.disconnect":
             return
         step = json.loads(json.loads(message["text"])["content"])["script"][0]
-        await send({"type": "websocket.send", "text": '{"type":"stream_start"}'})
-        chunk, delay, stamp = step["text"], step.get("delay", 0), step.get("stamp", False)
-        start = trio.current_time()
-        parts = []
-        for i in range(step.get("repeat", 1)):
-            if delay and i:
-                await trio.sleep_until(start + i * delay)
-            delta = f"[t={time.time():.6f}]{chunk}" if stamp else chunk
-            parts.append(delta)
-            await send({"type": "websocket.send", "text": json.dumps({"type": "stream_delta", "delta": delta})})
-        await send({"type": "websocket.send", "text": json.dumps({"type": "stream_end", "content": "".join(parts)})})
+        await _play(step, lambda frame: send({"type": "websocket.send", "text": frame}))
+
+
+async def _play(step: dict[str, Any], emit: Callable[[str], Awaitable[None]]) -> None:
+    """One run: ``stream_start``, the deltas (paced on a fixed schedule, stamped when
+    asked), ``stream_end``; each frame goes to ``emit``."""
+    await emit('{"type":"stream_start"}')
+    chunk, delay, stamp = step["text"], step.get("delay", 0), step.get("stamp", False)
+    start = trio.current_time()
+    parts = []
+    for i in range(step.get("repeat", 1)):
+        if delay and i:
+            await trio.sleep_until(start + i * delay)
+        delta = f"[t={time.time():.6f}]{chunk}" if stamp else chunk
+        parts.append(delta)
+        await emit(json.dumps({"type": "stream_delta", "delta": delta}))
+    await emit(json.dumps({"type": "stream_end", "content": "".join(parts)}))
+
+
+async def _handoff_run(step: dict[str, Any], out: trio.MemorySendChannel[str]) -> None:
+    """One run of handoff_app, in the server nursery: frames go to the connection's writer."""
+
+    async def emit(frame: str) -> None:
+        out.send_nowait(frame)
+
+    with out:
+        await _play(step, emit)
+
+
+async def handoff_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    global _runs
+    if scope["type"] == "lifespan":
+        async with trio.open_nursery() as nursery:
+            _runs = nursery
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    nursery.cancel_scope.cancel()
+                    return
+    if scope["type"] == "http":
+        await app(scope, receive, send)
+        return
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.send", "text": '{"type":"session_sync"}'})
+    out, frames = trio.open_memory_channel[str](100_000)
+
+    async def writer() -> None:
+        with frames:
+            async for frame in frames:
+                await send({"type": "websocket.send", "text": frame})
+
+    with out:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    nursery.cancel_scope.cancel()
+                    return
+                step = json.loads(json.loads(message["text"])["content"])["script"][0]
+                assert _runs is not None
+                _runs.start_soon(_handoff_run, step, out.clone())
