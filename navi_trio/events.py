@@ -86,6 +86,7 @@ class RunLog:
         "_clock",
         "_open_tools",
         "_thinking_open",
+        "answer_changes",
         "events",
         "run_id",
         "terminal",
@@ -101,6 +102,10 @@ class RunLog:
         self.text: list[str] = []
         self.thinking: list[str] = []
         self.tool_calls: list[ToolCall] = []
+        #: Counts changes to what a saved answer holds (text, thinking, finished tool
+        #: calls): a checkpoint skips a run whose count has not moved (a run waiting on a
+        #: tool has nothing new to save).
+        self.answer_changes = 0
         self.terminal: Event | None = None
         self._thinking_open = False
         #: Tools started and not yet finished: a stack, since a sub-agent's tools run
@@ -176,6 +181,7 @@ class RunLog:
         out = self._body_event("thinking_delta")
         self._thinking_open = True
         self.thinking.append(delta)
+        self.answer_changes += 1
         out.append(self._append("thinking_delta", {"delta": delta}, delta))
         return out
 
@@ -188,6 +194,7 @@ class RunLog:
     def text_delta(self, delta: str) -> list[Event]:
         out = self._body_event("stream_delta")
         self.text.append(delta)
+        self.answer_changes += 1
         out.append(self._append("stream_delta", {"delta": delta}, delta))
         return out
 
@@ -203,6 +210,7 @@ class RunLog:
             raise GrammarError("tool_call without tool_started")
         tool, args, is_subagent = self._open_tools.pop()
         self.tool_calls.append(ToolCall(tool, args, result, success))
+        self.answer_changes += 1
         fields = {"tool": tool, "args": args, "result": result, "success": success, "is_subagent": is_subagent}
         return [self._append("tool_call", fields)]
 

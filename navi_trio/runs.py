@@ -151,7 +151,7 @@ class Run:
     stop_reason: str | None = None
     #: Set when the store failed while this run streamed: the run ends with ``error``.
     failure: str | None = None
-    #: The last seq whose text is in the store (checkpoints).
+    #: ``log.answer_changes`` as of the last checkpoint: what the store holds.
     checkpointed: int = 0
     #: Loaded before the agent plays, for agents that want it.
     history: list[dict[str, Any]] = attrs.Factory(list)
@@ -606,7 +606,8 @@ class RunRegistry:
         """Save the text of every running answer every ``interval_s``, for all runs in one
         store transaction, so a hard kill loses at most about that much (CONTRACT 7).
 
-        Runs that produced nothing new are skipped; with no active run this task sleeps
+        Runs with nothing new to save are skipped (a run waiting on a tool writes nothing
+        until the tool's result or new text arrives); with no active run this task sleeps
         on an event, not a timer. A store fault ends the affected runs with a terminal
         ``error`` naming it (``Run.fail``); the server goes on.
 
@@ -619,10 +620,11 @@ class RunRegistry:
                 await self._run_started.wait()
             await trio.sleep(interval_s)
             await self._retry_unsaved()
-            dirty = [r for r in self._active.values() if not r.log.finished and r.checkpointed < r.log.last_seq]
+            active = self._active.values()
+            dirty = [r for r in active if not r.log.finished and r.checkpointed < r.log.answer_changes]
             if not dirty:
                 continue
-            seqs = [r.log.last_seq for r in dirty]
+            changes = [r.log.answer_changes for r in dirty]
             try:
                 with trio.move_on_after(self._save_timeout_s) as scope:
                     await self.store.checkpoint([r.answer("running") for r in dirty])
@@ -633,8 +635,8 @@ class RunRegistry:
                 for r in dirty:
                     r.fail(f"Storage error: {exc}")
                 continue
-            for r, seq in zip(dirty, seqs, strict=True):
-                r.checkpointed = seq
+            for r, n in zip(dirty, changes, strict=True):
+                r.checkpointed = n
 
     async def _retry_unsaved(self) -> None:
         for answer_id, answer in list(self._unsaved.items()):

@@ -18,6 +18,7 @@ no run is left behind.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import signal
@@ -254,6 +255,28 @@ async def test_one_checkpoint_call_covers_every_running_answer(autojump_clock: t
         assert run is not None
         assert (answer_of(store, run).status, answer_of(store, run).content) == ("complete", "w " * 100)
     recorder.assert_one_terminal_each()
+
+
+async def test_a_run_waiting_on_a_tool_is_not_checkpointed_again(autojump_clock: trio.testing.MockClock) -> None:
+    """Checkpoints write only what changed what an answer holds: a run that streams some
+    text and then waits 10 s on a tool is written once for the text, once for the tool's
+    result: not for ``tool_started`` (nothing saved changes), nor while it waits."""
+    store = CountingStore()
+    steps = [{"text": "w ", "repeat": 3}, {"sleep": 1}, {"tool": "slow", "delay": 10, "result": "ok"}, {"sleep": 2}]
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            reg = RunRegistry(nursery, store, ScriptedAgent())
+            nursery.start_soon(reg.serve_checkpoints, CHECKPOINT_S)
+            await store.create_session("s1", "t", None)
+            run = reg.submit(req("s1", json.dumps({"script": steps})))
+            assert run is not None
+            await run.done.wait()
+            nursery.cancel_scope.cancel()
+    written = [(t, a.content, [c["result"] for c in a.tool_calls]) for t, answers in store.checkpoints for a in answers]
+    # ~12 s of run at one checkpoint per 0.5 s would be ~24 writes; what changed is two.
+    assert [(content, results) for _, content, results in written] == [("w " * 3, []), ("w " * 3, ["ok"])]
+    assert written[1][0] >= 11
+    assert (answer_of(store, run).status, answer_of(store, run).content) == ("complete", "w " * 3)
 
 
 class LateCheckpointStore(CountingStore):
