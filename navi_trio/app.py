@@ -139,10 +139,23 @@ class NaviApp:
 
         The handshake is accepted first so that refusals reach the client as close codes
         (4003 authentication / access, 4004 no such session), as the contract says.
+
+        Why two steps: this frame lives as long as the connection, so the handshake's
+        locals (query, session, user, the close helper) die with ``_handshake`` instead.
         """
+        opened = await self._handshake(scope, receive, send)
+        if opened is not None:
+            conn, resume_run_id, resume_after = opened
+            await conn.serve(resume_run_id=resume_run_id, resume_after=resume_after)
+
+    async def _handshake(
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> tuple[Connection, str | None, int | None] | None:
+        """Accept the WebSocket, then refuse it with a close code or return its
+        :class:`Connection` and resume point (``run_id``, ``after``)."""
         message = await receive()
         if message["type"] != "websocket.connect":
-            return
+            return None
         services = self._services(scope)
         registry = services.registry
         settings = services.settings
@@ -158,21 +171,21 @@ class NaviApp:
             )
         except AuthError as exc:
             await close(CLOSE_DENIED, str(exc))
-            return
+            return None
         m = _WS_PATH.match(scope["path"])
         session = await registry.store.get_session(m["sid"]) if m else None
         if session is None:
             await close(CLOSE_NOT_FOUND, "Session not found")
-            return
+            return None
         try:
             check_access(session, user)
         except (AuthError, AccessDenied) as exc:
             await close(CLOSE_DENIED, str(exc))
-            return
+            return None
         user_id = user.id if user else None
         if user_id is not None and registry.connections_of(user_id) >= settings.max_connections_per_user:
             await close(CLOSE_POLICY, f"Too many connections (max {settings.max_connections_per_user} per user)")
-            return
+            return None
         conn = Connection(
             registry,
             session.id,
@@ -186,7 +199,7 @@ class NaviApp:
             max_message_chars=settings.max_message_chars,
             pacer=services.pacer,
         )
-        await conn.serve(resume_run_id=_first(query, "run_id"), resume_after=_int_or_none(_first(query, "after")))
+        return conn, _first(query, "run_id"), _int_or_none(_first(query, "after"))
 
 
 def _first(query: dict[str, list[str]], key: str) -> str | None:

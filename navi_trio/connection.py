@@ -121,8 +121,10 @@ class Connection:
         self.lagging: list[Subscriber] = []
         #: Answers to client messages: never block the receiver on a full outbox. Bounded:
         #: a client that floods bad messages and never reads loses the oldest answers.
-        self._answers: list[str] = []
-        self.subscriptions: list[Subscriber] = []
+        #: The shared empty tuple until the first answer, as for ``subscriptions`` until
+        #: the first run: most connections never need either list (56 bytes each).
+        self._answers: list[str] | tuple[()] = ()
+        self.subscriptions: list[Subscriber] | tuple[()] = ()
         self.last_send = trio.current_time()
         self.close_code: int | None = None
         self.close_reason = ""
@@ -173,8 +175,10 @@ class Connection:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     self._attach(resume_run_id, resume_after)
-                    nursery.start_soon(self._writer, name=f"ws-writer:{self.id}")
-                    nursery.start_soon(self._heartbeat, name=f"ws-heartbeat:{self.id}")
+                    # Constant names: a name formatted per task is kept by it (~60 bytes
+                    # each); the conn_id is in the log context.
+                    nursery.start_soon(self._writer, name="ws-writer")
+                    nursery.start_soon(self._heartbeat, name="ws-heartbeat")
                     await self._receiver()
                     nursery.cancel_scope.cancel(reason="client disconnected")
         except* trio.Cancelled:
@@ -207,7 +211,7 @@ class Connection:
         self.registry.unfollow(self.session_id, self)
         for sub in self.subscriptions:
             sub.run.unsubscribe(sub)
-        self.subscriptions.clear()
+        self.subscriptions = ()
         self.lagging.clear()
 
     # -- the three tasks ---------------------------------------------------------------
@@ -222,18 +226,22 @@ class Connection:
         send = self._send
         recv = self._outbox_recv
         lagging = self.lagging
-        answers = self._answers
         pending: OutboxItem = None
         item: OutboxItem
         while True:
-            if answers:
-                item = answers.pop(0)
+            if self._answers:
+                item = self._answers.pop(0)
             elif pending is not None:
                 item, pending = pending, None
             else:
+                empty = False
                 try:
                     item = recv.receive_nowait()
                 except trio.WouldBlock:
+                    empty = True
+                # Not in the except block: a writer parked there would keep the WouldBlock
+                # and its traceback alive as long as the connection is idle (~400 bytes).
+                if empty:
                     if lagging:
                         item = lagging[0].next_catch_up_frame()
                         if item is None:
@@ -289,9 +297,12 @@ class Connection:
 
     # -- client messages ---------------------------------------------------------------
     async def _answer_error(self, message: str) -> None:
-        if len(self._answers) >= MAX_PENDING_ANSWERS:
-            del self._answers[0]
-        self._answers.append(error_frame(message))
+        answers = self._answers
+        if not isinstance(answers, list):
+            answers = self._answers = []
+        elif len(answers) >= MAX_PENDING_ANSWERS:
+            del answers[0]
+        answers.append(error_frame(message))
         self.wake()
         await trio.lowlevel.checkpoint()
 

@@ -310,7 +310,9 @@ class RunRegistry:
         self._max_queued = max_queued_runs
         self._active: dict[str, Run] = {}
         self._queues: dict[str, deque[Queued]] = {}
-        self._followers: dict[str, set[Follower]] = {}
+        #: Lists, not sets: a session has a follower or two, and an empty set costs 216
+        #: bytes (a session per idle connection is the common case).
+        self._followers: dict[str, list[Follower]] = {}
         #: Set when shutdown begins: no new runs from then on.
         self.closing = trio.Event()
         #: Set once every run has ended after shutdown began.
@@ -337,13 +339,15 @@ class RunRegistry:
     def follow(self, session_id: str, follower: Follower) -> Run | None:
         """Register a connection for every future run of the session; return the active
         run (if any) so the caller can subscribe to it in the same synchronous step."""
-        self._followers.setdefault(session_id, set()).add(follower)
+        followers = self._followers.setdefault(session_id, [])
+        if follower not in followers:
+            followers.append(follower)
         return self._active.get(session_id)
 
     def unfollow(self, session_id: str, follower: Follower) -> None:
         followers = self._followers.get(session_id)
-        if followers is not None:
-            followers.discard(follower)
+        if followers is not None and follower in followers:
+            followers.remove(follower)
             if not followers:
                 del self._followers[session_id]
 

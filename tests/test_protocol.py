@@ -3,6 +3,7 @@ against a real hypercorn server with real trio-websocket clients (real clock).""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from .helpers import Client, Server, assert_grammar, open_server, run_events, script, text_of
 
@@ -80,6 +82,17 @@ async def test_connect_without_run_gets_session_sync(server: Server) -> None:
             # nothing else is sent: the next frame is whatever our own message causes
             got = await assert_usable(c)
         assert got[0]["type"] == "stream_start"
+
+
+async def test_idle_connection_keeps_no_exception_alive(server: Server) -> None:
+    """An idle writer parks outside its ``except trio.WouldBlock`` block: parked inside
+    it, every idle connection would keep the exception and its traceback alive."""
+    with trio.fail_after(10):
+        sid = await server.new_session()
+        async with server.connect(sid) as c:
+            await expect_sync(c)
+            await trio.testing.wait_all_tasks_blocked()
+            assert [o for o in gc.get_objects() if isinstance(o, trio.WouldBlock)] == []
 
 
 # -- the scripted agent, step by step --------------------------------------------------

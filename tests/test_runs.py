@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 
+from navi_trio.agents.pacing import Pacer
 from navi_trio.agents.scripted import ScriptedAgent
 from navi_trio.errors import QueueFull, RunAlreadyActive, ShuttingDown
 from navi_trio.events import TERMINAL_TYPES, Event, check_grammar
@@ -941,3 +942,34 @@ async def test_stop_during_thread_tool_returns_promptly() -> None:
             assert wire(run)[-2]["success"] is False
             assert saved_answer(store, run).status == "stopped"
         assert not server_nursery.child_tasks
+
+
+async def test_pacer_wakes_at_the_deadlines_and_forgets_cancelled_sleeps(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Sleepers wake at their deadlines, in order; a sleep cancelled while parked, or
+    before it parks, raises ``Cancelled`` at once and is never woken later."""
+    pacer = Pacer()
+    woke: list[tuple[str, float]] = []
+
+    async def sleeper(name: str, deadline: float) -> None:
+        await pacer.sleep_until(deadline)
+        woke.append((name, trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pacer.serve)
+        await trio.testing.wait_all_tasks_blocked()
+        t0 = trio.current_time()
+        nursery.start_soon(sleeper, "b", t0 + 2.0)
+        nursery.start_soon(sleeper, "a", t0 + 1.0)
+        async with trio.open_nursery() as inner:
+            inner.start_soon(sleeper, "cancelled", t0 + 1.5)
+            await trio.testing.wait_all_tasks_blocked()
+            inner.cancel_scope.cancel()
+        with trio.CancelScope() as early:
+            early.cancel()
+            await pacer.sleep_until(t0 + 0.5)
+        assert early.cancelled_caught
+        await trio.sleep_until(t0 + 3.0)
+        assert woke == [("a", t0 + 1.0), ("b", t0 + 2.0)]
+        nursery.cancel_scope.cancel()
