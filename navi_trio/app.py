@@ -173,7 +173,7 @@ class NaviApp:
             await close(CLOSE_DENIED, str(exc))
             return None
         m = _WS_PATH.match(scope["path"])
-        session = await registry.store.get_session(m["sid"]) if m else None
+        session = (registry.store.cached_session(m["sid"]) or await registry.store.get_session(m["sid"])) if m else None
         if session is None:
             await close(CLOSE_NOT_FOUND, "Session not found")
             return None

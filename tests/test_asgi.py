@@ -418,6 +418,41 @@ async def test_lifespan_shutdown_ends_every_run(autojump_clock: trio.testing.Moc
             assert saved[long_tool].tool_calls == [{"tool": "t", "args": {}, "result": "cancelled", "success": False}]
 
 
+class FirstStep(trio.abc.Instrument):
+    """Calls ``check`` once, right after the first step of the task named ``name``."""
+
+    def __init__(self, name: str, check: Any) -> None:
+        self.name = name
+        self.check = check
+        self.seen: list[Any] = []
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name == self.name and not self.seen:
+            self.seen.append(self.check())
+
+
+async def test_http_stop_cancels_the_run_before_its_first_checkpoint(autojump_clock: trio.testing.MockClock) -> None:
+    """Under load a scheduler pass waits for a round of every busy connection, so the stop
+    route cancels the run in the request's first step: the session comes from the store's
+    cache, with no checkpoint before ``scope.cancel()``."""
+    with trio.fail_after(60):
+        async with asgi_server(make_app()) as server, trio.open_nursery() as conns:
+            sid = await server.new_session()
+            ws = await start_run(server, conns, sid, script({"tool": "t", "delay": 30}))
+            run = server.registry.active(sid)
+            assert run is not None
+            probe = FirstStep("stop-request", lambda: run.cancel_scope.cancel_called)
+            trio.lowlevel.add_instrument(probe)
+            try:
+                conns.start_soon(server.http, "POST", f"/sessions/{sid}/stop", name="stop-request")
+                await run.done.wait()
+            finally:
+                trio.lowlevel.remove_instrument(probe)
+            assert probe.seen == [True]
+            assert wire(run.log.terminal)["type"] == "stream_stopped"
+            await ws.disconnect()
+
+
 async def test_begin_shutdown_drains_then_closes_1012(autojump_clock: trio.testing.MockClock) -> None:
     """The shutdown trigger's notice: events flow during the grace, then ``shutdown``,
     then close code 1012; no new run starts meanwhile."""

@@ -68,6 +68,17 @@ async def test_create_get_session(store: Store) -> None:
         assert await store.get_session("nope") is None
 
 
+async def test_cached_session_answers_without_a_scheduler_pass(store: Store) -> None:
+    """What a stop looks up first: a record the store holds, with no checkpoint."""
+    with trio.fail_after(10):
+        rec = await store.create_session("s1", "First", None)
+        with trio.testing.assert_no_checkpoints():
+            assert store.cached_session("s1") == rec
+            assert store.cached_session("nope") is None
+        await store.delete_session("s1")
+        assert store.cached_session("s1") is None
+
+
 async def test_list_sessions_by_owner(store: Store) -> None:
     with trio.fail_after(10):
         await store.create_session("anon1", "a", None)

@@ -35,6 +35,9 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         return self.sessions.get(session_id)
 
+    def cached_session(self, session_id: str) -> SessionRecord | None:
+        return self.sessions.get(session_id)
+
     async def list_sessions(self, user_id: str | None, *, everyone: bool = False) -> list[SessionRecord]:
         await trio.lowlevel.checkpoint()
         return [s for s in self.sessions.values() if everyone or s.user_id == user_id]

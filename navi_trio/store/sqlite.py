@@ -162,6 +162,9 @@ class SqliteStore:
         self._remember(rec)
         return rec
 
+    def cached_session(self, session_id: str) -> SessionRecord | None:
+        return self._sessions.get(session_id)
+
     async def get_session(self, session_id: str) -> SessionRecord | None:
         cached = self._sessions.get(session_id)
         if cached is not None:
