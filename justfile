@@ -26,6 +26,14 @@ lint: install
 bench *ARGS: install
     {{py}} bench/compare.py {{ARGS}}
 
+# scenario 4 with a "thread": true tool, interleaved with the seed (bench/stop_latency.py)
+bench-stop *ARGS: install
+    {{py}} bench/stop_latency.py {{ARGS}}
+
+# server CPU per event: the seed, the stack's floor and navi-trio (bench/per_event_cpu.py)
+bench-cpu *ARGS: install
+    {{py}} bench/per_event_cpu.py {{ARGS}}
+
 # 1,000 idle connections with heartbeats + 100 paced sessions for 60 s (bench/soak.py)
 soak *ARGS: install
     {{py}} bench/soak.py {{ARGS}}
