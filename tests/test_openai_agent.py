@@ -16,6 +16,7 @@ import socket
 import time
 import warnings
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from .fake_openai import (
     tool_fragment,
     tool_reply,
 )
-from .helpers import assert_grammar, open_server, run_events, text_of
+from .helpers import Server, assert_grammar, open_server, run_events, text_of
 
 KEY = "sk-test-SECRET"
 SID = "s1"
@@ -85,6 +86,13 @@ def settings_for(base_url: str, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings.from_env({}, **values)
+
+
+def openai_server(fake: FakeOpenAI, data_dir: Path) -> AbstractAsyncContextManager[Server]:
+    """A real hypercorn server on 127.0.0.1 whose agent is the OpenAI one, talking to ``fake``."""
+    return open_server(
+        agent="openai", openai_base_url=fake.base_url, openai_api_key=KEY, openai_model=MODEL, data_dir=data_dir
+    )
 
 
 def events_of(run: Run) -> Events:
@@ -178,9 +186,7 @@ def dead_port() -> Iterator[int]:
 async def test_plain_text_streams_and_the_request_is_complete(fake: FakeOpenAI, tmp_path: Path) -> None:
     fake.script(text_reply("Hello", ", ", "world", "!"))
     with trio.fail_after(10):
-        async with open_server(
-            agent="openai", openai_base_url=fake.base_url, openai_api_key=KEY, openai_model=MODEL, data_dir=tmp_path
-        ) as server:
+        async with openai_server(fake, tmp_path) as server:
             sid = await server.new_session()
             async with server.connect(sid) as client:
                 assert await client.recv() == {"type": "session_sync"}
@@ -455,9 +461,7 @@ async def test_file_tools_see_only_the_sessions_uploads(fake: FakeOpenAI, tmp_pa
         text_reply("read them"),
     )
     with trio.fail_after(10):
-        async with open_server(
-            agent="openai", openai_base_url=fake.base_url, openai_api_key=KEY, openai_model=MODEL, data_dir=tmp_path
-        ) as server:
+        async with openai_server(fake, tmp_path) as server:
             sid = await server.new_session()
             mine = uploads.session_dir(tmp_path, None, sid)
             mine.mkdir(parents=True)
@@ -521,9 +525,7 @@ async def test_images_and_the_files_note_reach_the_model(fake: FakeOpenAI, tmp_p
     fake.script(text_reply("nice picture"))
     png = "iVBORw0KGgoAAAANSUhEUg=="
     with trio.fail_after(10):
-        async with open_server(
-            agent="openai", openai_base_url=fake.base_url, openai_api_key=KEY, openai_model=MODEL, data_dir=tmp_path
-        ) as server:
+        async with openai_server(fake, tmp_path) as server:
             sid = await server.new_session()
             r = await server.http.post(f"/sessions/{sid}/files", params={"name": "report.txt"}, content=b"numbers")
             assert r.status_code == 201, r.text
@@ -559,9 +561,7 @@ async def test_a_data_url_keeps_its_media_type(fake: FakeOpenAI, tmp_path: Path)
     fake.script(text_reply("a photo"))
     jpeg = "data:image/jpeg;base64,/9j/4AAQSkZJRgABAQ=="
     with trio.fail_after(10):
-        async with open_server(
-            agent="openai", openai_base_url=fake.base_url, openai_api_key=KEY, openai_model=MODEL, data_dir=tmp_path
-        ) as server:
+        async with openai_server(fake, tmp_path) as server:
             sid = await server.new_session()
             async with server.connect(sid) as client:
                 await client.until("session_sync")
@@ -946,9 +946,7 @@ async def test_the_response_stream_is_closed_not_abandoned(fake: FakeOpenAI, rep
 async def test_stop_during_slow_tokens_is_prompt_and_closes_the_connection(fake: FakeOpenAI, tmp_path: Path) -> None:
     fake.script(text_reply(*(f"tok{i} " for i in range(200)), delay=0.05))
     with trio.fail_after(15):
-        async with open_server(
-            agent="openai", openai_base_url=fake.base_url, openai_api_key=KEY, openai_model=MODEL, data_dir=tmp_path
-        ) as server:
+        async with openai_server(fake, tmp_path) as server:
             sid = await server.new_session()
             async with server.connect(sid) as client:
                 await client.until("session_sync")
