@@ -420,12 +420,9 @@ async def test_hypercorn_serves_the_app_configured_from_env(tmp_path: Path) -> N
             srv.signal(signal.SIGTERM)
             assert await srv.wait_exit(15) == 0, srv.output
     # NAVI_DATA_DIR was honoured: the answer is in the SQLite database there.
-    store = await SqliteStore.open(data / "navi.sqlite3")
-    try:
+    async with await SqliteStore.open(data / "navi.sqlite3") as store:
         with trio.fail_after(10):
             msgs = await store.list_messages(sid)
-    finally:
-        store.close()
     assert [m.content for m in msgs][1] == "hi hi hi "
 
 

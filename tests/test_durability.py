@@ -431,8 +431,7 @@ async def test_store_checkpoint_after_final_save_changes_nothing(any_store: Stor
 
 async def test_sqlite_checkpoint_of_many_answers_is_one_transaction(tmp_path: Path) -> None:
     with trio.fail_after(10):
-        store = await SqliteStore.open(tmp_path / "navi.sqlite3")
-        try:
+        async with await SqliteStore.open(tmp_path / "navi.sqlite3") as store:
             runs = []
             for i in range(5):
                 await store.create_session(f"s{i}", "t", None)
@@ -450,8 +449,6 @@ async def test_sqlite_checkpoint_of_many_answers_is_one_transaction(tmp_path: Pa
             for i, r in enumerate(runs):
                 msgs = await store.list_messages(r.session_id)
                 assert (msgs[1].status, msgs[1].content) == ("interrupted", f"text {i}")
-        finally:
-            store.close()
 
 
 # -- 2. restart recovery (SQLite, in process) ---------------------------------------------
@@ -460,8 +457,8 @@ async def test_sqlite_checkpoint_of_many_answers_is_one_transaction(tmp_path: Pa
 async def test_answers_left_running_are_interrupted_after_restart(tmp_path: Path) -> None:
     path = tmp_path / "navi.sqlite3"
     with trio.fail_after(30):
-        store = await SqliteStore.open(path)
-        try:
+        # Closed with no final save: as after a hard kill.
+        async with await SqliteStore.open(path) as store:
             await store.create_session("checkpointed", "t", None)
             cp = new_run("checkpointed", "question one")
             await store.begin_run(cp)
@@ -473,8 +470,6 @@ async def test_answers_left_running_are_interrupted_after_restart(tmp_path: Path
             done = new_run("finished", "question three")
             await store.begin_run(done)
             await store.save_answer(answer(done, "complete", "all of it"))
-        finally:
-            store.close()  # no final save: as after a hard kill
 
         async with open_server(store="sqlite", data_dir=tmp_path) as server:
 
@@ -536,11 +531,8 @@ async def test_fresh_database_is_at_the_latest_schema_version(tmp_path: Path) ->
         store = await SqliteStore.open(path)
         store.close()
         assert user_version(path) == len(MIGRATIONS) >= 1
-        store = await SqliteStore.open(path)  # reopening migrates nothing and works
-        try:
+        async with await SqliteStore.open(path) as store:  # reopening migrates nothing and works
             await store.create_session("s1", "t", None)
-        finally:
-            store.close()
     assert user_version(path) == len(MIGRATIONS)
 
 
@@ -548,11 +540,8 @@ async def test_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "navi.sqlite3"
     newer = len(MIGRATIONS) + 1
     with trio.fail_after(10):
-        store = await SqliteStore.open(path)
-        try:
+        async with await SqliteStore.open(path) as store:
             await store.create_session("s1", "kept", None)
-        finally:
-            store.close()
         conn = sqlite3.connect(path)
         conn.execute(f"PRAGMA user_version = {newer}")
         conn.close()
@@ -587,8 +576,7 @@ async def test_database_from_before_versioning_opens(tmp_path: Path) -> None:
     conn.close()
     assert user_version(path) == 0
     with trio.fail_after(10):
-        store = await SqliteStore.open(path)
-        try:
+        async with await SqliteStore.open(path) as store:
             rec = await store.get_session("old")
             assert rec is not None and rec.title == "from before"
             assert [(m.role, m.content) for m in await store.list_messages("old")] == [
@@ -599,8 +587,6 @@ async def test_database_from_before_versioning_opens(tmp_path: Path) -> None:
             await store.begin_run(run)
             await store.save_answer(answer(run, "complete", "yes"))
             assert [m.content for m in await store.list_messages("old")] == ["hello", "hi", "again", "yes"]
-        finally:
-            store.close()
     assert user_version(path) == len(MIGRATIONS)
 
 
@@ -699,14 +685,11 @@ async def test_sigkill_mid_run_loses_at_most_about_a_second(tmp_path: Path) -> N
 async def saved_messages(data: Path, sid: str) -> list[tuple[str, str, str]]:
     """The history as the database holds it, read without starting a server (so without
     the recovery that marks running answers interrupted)."""
-    store = await SqliteStore.open(data / "navi.sqlite3")
-    try:
+    async with await SqliteStore.open(data / "navi.sqlite3") as store:
         with trio.fail_after(10):
             msgs = await store.list_messages(sid)
             conn = store._conn
             running = conn.execute("SELECT COUNT(*) FROM messages WHERE status = 'running'").fetchone()[0]
-    finally:
-        store.close()
     assert running == 0, "an answer was left running by a graceful shutdown"
     return [(m.role, m.status, m.content) for m in msgs]
 

@@ -231,17 +231,13 @@ async def test_list_messages_of_unknown_session_is_empty(store: Store) -> None:
 async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "navi.sqlite3"
     with trio.fail_after(10):
-        store = await SqliteStore.open(path)
-        try:
+        async with await SqliteStore.open(path) as store:
             await store.create_session("s1", "kept", "alice")
             run = await play_run(store, "s1", "q1", "r1")
             await store.save_answer(
                 answer(run, "complete", "r1", "th", [{"tool": "x", "args": {"a": 1}, "result": "ok", "success": True}])
             )
-        finally:
-            store.close()
-        store = await SqliteStore.open(path)
-        try:
+        async with await SqliteStore.open(path) as store:
             rec = await store.get_session("s1")
             assert rec is not None
             assert (rec.title, rec.user_id) == ("kept", "alice")
@@ -249,8 +245,6 @@ async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
             assert [m.content for m in msgs] == ["q1", "r1"]
             assert msgs[1].thinking == "th"
             assert msgs[1].tool_calls == [{"tool": "x", "args": {"a": 1}, "result": "ok", "success": True}]
-        finally:
-            store.close()
 
 
 async def test_sqlite_open_failure_is_a_store_error(tmp_path: Path) -> None:
@@ -282,16 +276,12 @@ async def make_read_only(store: SqliteStore) -> None:
 async def test_sqlite_read_only_database_raises_store_error_on_write(tmp_path: Path) -> None:
     path = tmp_path / "navi.sqlite3"
     with trio.fail_after(20):
-        store = await SqliteStore.open(path)
-        try:
+        async with await SqliteStore.open(path) as store:
             await store.create_session("s1", "t", None)
             run = new_run("s1", "q")
             await store.begin_run(run)
-        finally:
-            store.close()
         with read_only_files(path) if os.geteuid() != 0 else contextlib.nullcontext():
-            store = await SqliteStore.open(path)
-            try:
+            async with await SqliteStore.open(path) as store:
                 if os.geteuid() == 0:
                     await make_read_only(store)
                 # Reads still work.
@@ -310,15 +300,12 @@ async def test_sqlite_read_only_database_raises_store_error_on_write(tmp_path: P
                 assert await store.get_session("s2") is None
                 assert [s.id for s in await store.list_sessions(None)] == ["s1"]
                 assert [m.content for m in await store.list_messages("s1")] == ["q"]
-            finally:
-                store.close()
 
 
 async def test_sqlite_store_usable_after_failed_writes(tmp_path: Path) -> None:
     """A failed write leaves no transaction open: once writes are allowed again they work."""
     with trio.fail_after(20):
-        store = await SqliteStore.open(tmp_path / "navi.sqlite3")
-        try:
+        async with await SqliteStore.open(tmp_path / "navi.sqlite3") as store:
             await store.create_session("s1", "t", None)
             await make_read_only(store)
             with pytest.raises(StoreError):
@@ -329,8 +316,6 @@ async def test_sqlite_store_usable_after_failed_writes(tmp_path: Path) -> None:
             assert not store._conn.in_transaction
             run = await play_run(store, "s1", "q", "r")
             assert [m.id for m in await store.list_messages("s1")] == [run.user_message_id, run.answer_id]
-        finally:
-            store.close()
 
 
 def hold_write_lock(path: Path, held: trio.Event, hold_s: float) -> None:
@@ -354,8 +339,7 @@ async def test_sqlite_never_blocks_the_event_loop(tmp_path: Path) -> None:
     path = tmp_path / "navi.sqlite3"
     hold_s = 0.3
     with trio.fail_after(20):
-        store = await SqliteStore.open(path)
-        try:
+        async with await SqliteStore.open(path) as store:
             held = trio.Event()
             ticks: list[float] = []
             async with trio.open_nursery() as nursery:
@@ -378,8 +362,6 @@ async def test_sqlite_never_blocks_the_event_loop(tmp_path: Path) -> None:
             # ... and the loop kept ticking all along (a blocked loop gives ~0 ticks).
             assert len(during) >= 8, (len(during), t1 - t0)
             assert {s.id for s in await store.list_sessions(None)} == {"locker", "mine"}
-        finally:
-            store.close()
 
 
 async def test_sqlite_time_bound_honoured_while_locked(tmp_path: Path) -> None:
@@ -387,8 +369,7 @@ async def test_sqlite_time_bound_honoured_while_locked(tmp_path: Path) -> None:
     stays strictly serialized: the next call waits for the abandoned one to finish."""
     path = tmp_path / "navi.sqlite3"
     with trio.fail_after(20):
-        store = await SqliteStore.open(path)
-        try:
+        async with await SqliteStore.open(path) as store:
             held = trio.Event()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.to_thread.run_sync, hold_write_lock, path, held, 0.5)
@@ -402,8 +383,6 @@ async def test_sqlite_time_bound_honoured_while_locked(tmp_path: Path) -> None:
                 await store.create_session("next", "t", None)
             ids = {s.id for s in await store.list_sessions(None)}
             assert {"locker", "next"} <= ids
-        finally:
-            store.close()
 
 
 def test_memory_and_sqlite_share_the_interface() -> None:
