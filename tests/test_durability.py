@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from .test_cli import (
     HYPERCORN,
     HYPERCORN_URL,
     STARTUP_S,
+    ServerProcess,
     clean_env,
     free_port,
     healthz,
@@ -694,17 +696,24 @@ async def saved_messages(data: Path, sid: str) -> list[tuple[str, str, str]]:
     return [(m.role, m.status, m.content) for m in msgs]
 
 
+@asynccontextmanager
+async def session_socket(srv: ServerProcess) -> AsyncIterator[tuple[str, Client]]:
+    """A new session on a spawned server and a WebSocket on it, past its ``session_sync``."""
+    url = await srv.wait_listening()
+    host, port = srv.host_port
+    sid = await open_session(url)
+    async with ws_connect(host, port, f"/ws/sessions/{sid}") as c:
+        assert (await c.recv())["type"] == "session_sync"
+        yield sid, c
+
+
 async def test_sigterm_streams_through_the_grace_then_stops_and_exits_in_time(tmp_path: Path) -> None:
     grace = 1.5
     data = tmp_path / "data"
     content = script({"text": "x", "repeat": 600, "delay": 0.1, "stamp": True})
     with trio.fail_after(STARTUP_S + 30):
         async with spawn(navi_serve(data), clean_env(NAVI_GRACE_S=str(grace)), tmp_path) as srv:
-            url = await srv.wait_listening()
-            host, port = srv.host_port
-            sid = await open_session(url)
-            async with ws_connect(host, port, f"/ws/sessions/{sid}") as c:
-                assert (await c.recv())["type"] == "session_sync"
+            async with session_socket(srv) as (sid, c):
                 await c.send_message(content)
                 await until_deltas(c, 5)
                 before = len(c.received)
@@ -738,11 +747,7 @@ async def test_sigterm_lets_a_run_finish_within_the_grace(tmp_path: Path) -> Non
     content = script({"text": "y ", "repeat": 12, "delay": 0.1})
     with trio.fail_after(STARTUP_S + 30):
         async with spawn(navi_serve(data), clean_env(NAVI_GRACE_S=str(grace)), tmp_path) as srv:
-            url = await srv.wait_listening()
-            host, port = srv.host_port
-            sid = await open_session(url)
-            async with ws_connect(host, port, f"/ws/sessions/{sid}") as c:
-                assert (await c.recv())["type"] == "session_sync"
+            async with session_socket(srv) as (sid, c):
                 await c.send_message(content)
                 await until_deltas(c, 1)
                 t_signal = trio.current_time()
@@ -767,11 +772,7 @@ async def test_sigterm_lets_a_run_finish_within_the_grace(tmp_path: Path) -> Non
 async def test_sigterm_with_no_active_run_exits_at_once(tmp_path: Path) -> None:
     with trio.fail_after(STARTUP_S + 20):
         async with spawn(navi_serve(tmp_path / "data"), clean_env(NAVI_GRACE_S="30"), tmp_path) as srv:
-            url = await srv.wait_listening()
-            host, port = srv.host_port
-            sid = await open_session(url)
-            async with ws_connect(host, port, f"/ws/sessions/{sid}") as c:
-                assert (await c.recv())["type"] == "session_sync"
+            async with session_socket(srv) as (_sid, c):
                 t_signal = trio.current_time()
                 srv.signal(signal.SIGTERM)
                 code = await c.until_closed()
