@@ -86,7 +86,6 @@ class RunLog:
         "_clock",
         "_open_tools",
         "_thinking_open",
-        "answer_changes",
         "events",
         "run_id",
         "terminal",
@@ -102,10 +101,6 @@ class RunLog:
         self.text: list[str] = []
         self.thinking: list[str] = []
         self.tool_calls: list[ToolCall] = []
-        #: Counts changes to what a saved answer holds (text, thinking, finished tool
-        #: calls): a checkpoint skips a run whose count has not moved (a run waiting on a
-        #: tool has nothing new to save).
-        self.answer_changes = 0
         self.terminal: Event | None = None
         self._thinking_open = False
         #: Tools started and not yet finished: a stack, since a sub-agent's tools run
@@ -116,6 +111,13 @@ class RunLog:
     @property
     def last_seq(self) -> int:
         return len(self.events)
+
+    @property
+    def answer_changes(self) -> int:
+        """How many changes what a saved answer holds has seen (text and thinking deltas,
+        finished tool calls; the lists only grow): a checkpoint skips a run whose count
+        has not moved (a run waiting on a tool has nothing new to save)."""
+        return len(self.text) + len(self.thinking) + len(self.tool_calls)
 
     @property
     def finished(self) -> bool:
@@ -181,7 +183,6 @@ class RunLog:
         out = self._body_event("thinking_delta")
         self._thinking_open = True
         self.thinking.append(delta)
-        self.answer_changes += 1
         out.append(self._append("thinking_delta", {"delta": delta}, delta))
         return out
 
@@ -194,7 +195,6 @@ class RunLog:
     def text_delta(self, delta: str) -> list[Event]:
         out = self._body_event("stream_delta")
         self.text.append(delta)
-        self.answer_changes += 1
         out.append(self._append("stream_delta", {"delta": delta}, delta))
         return out
 
@@ -210,7 +210,6 @@ class RunLog:
             raise GrammarError("tool_call without tool_started")
         tool, args, is_subagent = self._open_tools.pop()
         self.tool_calls.append(ToolCall(tool, args, result, success))
-        self.answer_changes += 1
         fields = {"tool": tool, "args": args, "result": result, "success": success, "is_subagent": is_subagent}
         return [self._append("tool_call", fields)]
 
