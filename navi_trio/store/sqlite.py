@@ -166,7 +166,7 @@ class SqliteStore:
         return self._sessions.get(session_id)
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
-        cached = self._sessions.get(session_id)
+        cached = self.cached_session(session_id)
         if cached is not None:
             await trio.lowlevel.checkpoint()
             return cached
