@@ -5,10 +5,12 @@ event log, no seq, no grammar, no subscribers, no heartbeat, no auth).
     python bench/compare.py --only 6_c200_paced \\
         --server-cmd '{python} -m hypercorn --worker-class trio --bind 127.0.0.1:{port} bench.floor_app:app'
 
-It implements just what ``../shared/bench/loadgen.py`` uses in stream mode: ``POST
-/sessions``, and on ``/ws/sessions/{id}``: ``session_sync``, then for a scripted message
-``stream_start``, the deltas (paced with ``trio.sleep_until`` on a fixed schedule, stamped
-with the wall clock when asked) and ``stream_end``. If navi-trio's figure is close to this
+It implements just what ``../shared/bench/loadgen.py`` uses in stream and stop-latency
+modes: ``POST /sessions``, and on ``/ws/sessions/{id}``: ``session_sync``, then for a
+scripted message ``stream_start``, the deltas (paced with ``trio.sleep_until`` on a fixed
+schedule, stamped with the wall clock when asked) and ``stream_end``; or for a tool step,
+``tool_started`` and a wait that ``POST /sessions/{id}/stop`` cuts short (a cancelled
+``tool_call``, then ``stream_stopped``, as the contract wants). If navi-trio's figure is close to this
 app's, the gap to the asyncio seed is the stack's, not navi-trio's.
 
 ``bench.floor_app:handoff_app`` is the same with the one thing navi-trio's architecture
@@ -23,6 +25,7 @@ import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -30,6 +33,7 @@ import trio
 _runs: trio.Nursery | None = None  # handoff_app: the server-lifetime nursery of runs
 
 _ids = itertools.count(1)
+_tools: dict[str, trio.CancelScope] = {}  # session id -> its running tool step, for a stop
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -40,19 +44,53 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if message["type"] == "lifespan.shutdown":
                 return
     if scope["type"] == "http":
-        body = json.dumps({"id": str(next(_ids))}).encode()
-        await send({"type": "http.response.start", "status": 201, "headers": [(b"content-type", b"application/json")]})
+        if scope["path"].endswith("/stop"):  # POST /sessions/{id}/stop: cancel its tool
+            stop = _tools.pop(scope["path"].split("/")[2], None)
+            if stop is not None:
+                stop.cancel()
+            status, body = 200, json.dumps({"ok": stop is not None}).encode()
+        else:  # POST /sessions
+            status, body = 201, json.dumps({"id": str(next(_ids))}).encode()
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         return
     await receive()  # websocket.connect
     await send({"type": "websocket.accept"})
     await send({"type": "websocket.send", "text": '{"type":"session_sync"}'})
+    sid = scope["path"].rsplit("/", 1)[-1]
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
             return
         step = json.loads(json.loads(message["text"])["content"])["script"][0]
-        await _play(step, lambda frame: send({"type": "websocket.send", "text": frame}))
+        emit = partial(_send_text, send)
+        if "tool" in step:
+            await _tool(sid, step, emit)
+        else:
+            await _play(step, emit)
+
+
+async def _send_text(send: Any, frame: str) -> None:
+    await send({"type": "websocket.send", "text": frame})
+
+
+async def _tool(sid: str, step: dict[str, Any], emit: Callable[[str], Awaitable[None]]) -> None:
+    """A tool step that ``POST /sessions/{id}/stop`` can cut short (bench scenario 4): the
+    least a stop must do on the wire, a cancelled ``tool_call`` then ``stream_stopped``."""
+    tool = {"tool": step["tool"], "args": step.get("args", {}), "is_subagent": False}
+    await emit('{"type":"stream_start"}')
+    await emit(json.dumps({"type": "tool_started", **tool}))
+    with trio.CancelScope() as scope:
+        _tools[sid] = scope
+        await trio.sleep(step.get("delay", 0))
+    _tools.pop(sid, None)
+    if scope.cancelled_caught:
+        await emit(json.dumps({"type": "tool_call", **tool, "result": "cancelled", "success": False}))
+        await emit(json.dumps({"type": "stream_stopped", "content": "", "reason": "user"}))
+    else:
+        await emit(json.dumps({"type": "tool_call", **tool, "result": step.get("result", ""), "success": True}))
+        await emit(json.dumps({"type": "stream_end", "content": ""}))
 
 
 async def _play(step: dict[str, Any], emit: Callable[[str], Awaitable[None]]) -> None:
