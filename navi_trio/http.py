@@ -133,11 +133,12 @@ class HttpApi:
         elif sid is not None:
             if name == "session" and method == "GET":
                 session = await self._session(sid, user)
-                return 200, {**session.as_dict(), "running": self.registry.active(sid) is not None}
+                return 200, {**session.as_dict(), "running": await self.registry.current(sid) is not None}
             if name == "session" and method == "DELETE":
                 return await self.delete_session(await self._session(sid, user))
             if name == "messages" and method == "GET":
                 await self._session(sid, user)
+                await self.registry.current(sid)  # an answer already ended is saved first
                 return 200, [m.as_dict() for m in await self.store.list_messages(sid)]
             if name == "stop" and method == "POST":
                 return await self.stop(await self._session(sid, user))

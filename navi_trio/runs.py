@@ -337,6 +337,27 @@ class RunRegistry:
     def runs(self) -> list[Run]:
         return list(self._active.values())
 
+    async def current(self, session_id: str) -> Run | None:
+        """The session's active run as the history should show it: a run whose terminal
+        event is already out is waited for until its answer is saved, then ``None``.
+
+        A client that saw ``stream_end`` and reloads the history at once must find the
+        answer there: the terminal event goes to the writers a few scheduler passes
+        before the save starts (see ``FLUSH_PASSES``).
+
+        Cancellation: only waits on ``run.done``, which the run's shielded save sets
+        within ``save_timeout_s``; a cancel just ends the wait.
+        """
+        run = self._active.get(session_id)
+        if run is None or not run.log.finished:
+            return run
+        await run.done.wait()
+        return None
+
+    async def wait_idle(self) -> None:
+        """Return once no run is active (every run ended and its answer saved)."""
+        await self._idle.wait()
+
     # -- followers ---------------------------------------------------------------------
     def follow(self, session_id: str, follower: Follower) -> Run | None:
         """Register a connection for every future run of the session; return the active
