@@ -145,6 +145,13 @@ class Server:
                 with trio.move_on_after(2, shield=True):
                     await ws.aclose()
 
+    async def no_run_left(self) -> None:
+        """Every run has ended and saved its answer (bounded wait: the save happens a few
+        scheduler passes after the terminal event a client sees)."""
+        with trio.fail_after(10):
+            await self.registry.wait_idle()
+        assert self.registry.runs == []
+
     def shutdown(self) -> None:
         """Ask for a graceful shutdown, as SIGTERM would."""
         self.app.begin_shutdown()

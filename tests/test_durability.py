@@ -329,6 +329,59 @@ async def test_checkpoint_landing_after_the_final_save_changes_nothing(
     recorder.assert_one_terminal_each()
 
 
+class HeldSaveStore(MemoryStore):
+    """Its final saves wait until released: the moment between a run's terminal event
+    and its saved answer, held open."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saving = trio.Event()
+        self.release = trio.Event()
+
+    async def save_answer(self, answer: Answer) -> None:
+        self.saving.set()
+        await self.release.wait()
+        await super().save_answer(answer)
+
+
+async def test_history_read_after_the_terminal_event_finds_the_saved_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A client that saw ``stream_end`` and reloads the history at once gets the saved
+    answer, not the running one: ``RunRegistry.current`` (behind ``GET /messages`` and
+    ``GET /sessions/{id}``) waits for the save of a run whose terminal event is out."""
+    store = HeldSaveStore()
+    recorder = Recorder()
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            reg = RunRegistry(nursery, store, ScriptedAgent())
+            await store.create_session("s1", "t", None)
+            reg.follow("s1", recorder)
+            run = reg.submit(req("s1", script({"text": "done"})))
+            assert run is not None
+            await store.saving.wait()
+            # The terminal event is out, the answer is not saved yet.
+            assert run.log.terminal is not None and run.log.terminal.type == "stream_end"
+            assert reg.active("s1") is run
+            assert answer_of(store, run).status == "running"
+            seen: list[object] = []
+
+            async def reload_history() -> None:
+                seen.append(await reg.current("s1"))
+                seen.append(answer_of(store, run).status)
+
+            nursery.start_soon(reload_history)
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen == []  # waiting for the save, not reading the running answer
+            store.release.set()
+            await run.done.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen == [None, "complete"]
+            assert await reg.current("s1") is None
+            assert_no_run_left(reg)
+    recorder.assert_one_terminal_each()
+
+
 async def test_no_checkpoint_and_no_timer_without_an_active_run(autojump_clock: trio.testing.MockClock) -> None:
     store = CountingStore()
     with trio.fail_after(1000):
@@ -387,10 +440,10 @@ async def test_server_checkpoints_running_answer_every_checkpoint_s(autojump_clo
             assert_one_terminal_per_run(c, 1)
             assert max(lags) <= round(checkpoint_s / 0.1) + 1, lags
             assert max(lags) >= 2, lags  # it was batched, not written per delta
+            await server.no_run_left()
             history = [(m.role, m.status) for m in store.messages[sid]]
             assert history == [("user", "complete"), ("assistant", "complete")]
             assert store.messages[sid][-1].content == "w " * 100
-            assert server.registry.runs == []
 
 
 @pytest.fixture(params=["sqlite", "memory"])
@@ -512,7 +565,7 @@ async def test_answers_left_running_are_interrupted_after_restart(tmp_path: Path
                 script({"text": "fresh"}),
                 "fresh",
             ]
-            assert server.registry.runs == []
+            await server.no_run_left()
 
 
 # -- 3. migrations --------------------------------------------------------------------------
@@ -908,7 +961,7 @@ async def test_database_turning_read_only_mid_run_ends_it_with_an_error(tmp_path
                     got = await c.until_terminal()
                     assert got[-1]["type"] == "stream_end" and got[-1]["content"] == "back"
                     assert_one_terminal_per_run(c, 2)
-            assert server.registry.runs == []
+            await server.no_run_left()
             assert task_names("run:") == []
 
         # Nothing that was saved is lost: after a restart the failed answer is back, with
@@ -947,7 +1000,7 @@ async def test_answer_failed_by_storage_reaches_history_once_storage_is_back(tmp
                 assert got[-1] == {"type": "stream_end", "seq": got[-1]["seq"], "content": "next " * 4}
                 assert_one_terminal_per_run(c, 2)
             r = await server.http.get(f"/sessions/{sid}/messages")
-            assert server.registry.runs == []
+            await server.no_run_left()
     history = [(m["role"], m["status"], m["content"]) for m in r.json()]
     assert [h[:2] for h in history] == [
         ("user", "complete"),
@@ -1004,7 +1057,7 @@ async def test_database_locked_mid_run_ends_it_with_an_error(tmp_path: Path) -> 
                 r = await server.http.get(f"/sessions/{sid}/messages")
                 assert [(m["role"], m["status"], m["content"]) for m in r.json()][1] == ("assistant", "error", seen)
                 await check_server_still_serves(server, c1, c2, n_runs=1)
-            assert server.registry.runs == []
+            await server.no_run_left()
             assert task_names("run:") == []
 
 
