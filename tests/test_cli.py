@@ -29,7 +29,7 @@ from trio_websocket import wrap_client_stream
 
 from navi_trio.store import SqliteStore
 
-from .helpers import Client, assert_grammar, script
+from .helpers import Client, assert_grammar, script, text_of
 
 BIN = Path(sys.executable).parent
 NAVI = str(BIN / "navi-trio")
@@ -407,13 +407,14 @@ async def test_hypercorn_serves_the_app_configured_from_env(tmp_path: Path) -> N
                 assert (await c.recv())["type"] == "session_sync"
                 await c.send_message(script({"text": "hi ", "repeat": 3}, {"tool": "t", "result": "ok"}))
                 got = await c.until_terminal()
-            assert_grammar(got, merged=False)
-            assert [e["type"] for e in got] == ["stream_start"] + ["stream_delta"] * 3 + [
+            assert_grammar(got)  # a burst may reach the reader merged if the machine is busy
+            assert [e["type"] for e in got if e["type"] != "stream_delta"] == [
+                "stream_start",
                 "tool_started",
                 "tool_call",
                 "stream_end",
             ]
-            assert got[-1]["content"] == "hi hi hi "
+            assert got[-1]["content"] == text_of(got) == "hi hi hi "
             async with http_client(url) as http:
                 r = await http.get(f"/sessions/{sid}/messages")
             assert [(m["role"], m["status"]) for m in r.json()] == [("user", "complete"), ("assistant", "complete")]

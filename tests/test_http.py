@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from .helpers import Server, assert_grammar, script, text_of
 
@@ -204,7 +205,9 @@ async def test_deleted_session_is_404_on_every_route(server: Server) -> None:
         assert sid not in [s["id"] for s in r.json()]
 
 
-async def test_messages_oldest_first_with_shape(server: Server) -> None:
+async def test_messages_oldest_first_with_shape(server: Server, autojump_clock: trio.testing.MockClock) -> None:
+    # Virtual time: a burst of deltas reaches this prompt reader unmerged even on a
+    # loaded machine (merging starts when a delta has waited MERGE_AFTER_S).
     with trio.fail_after(10):
         sid = await server.new_session()
         r = await server.http.get(f"/sessions/{sid}/messages")

@@ -98,7 +98,9 @@ async def test_idle_connection_keeps_no_exception_alive(server: Server) -> None:
 # -- the scripted agent, step by step --------------------------------------------------
 
 
-async def test_think_step(server: Server) -> None:
+async def test_think_step(server: Server, autojump_clock: trio.testing.MockClock) -> None:
+    # Virtual time: a burst of deltas reaches this prompt reader unmerged even on a
+    # loaded machine (merging starts when a delta has waited MERGE_AFTER_S).
     with trio.fail_after(10):
         got = await run_once(server, script({"think": "one two three"}, {"text": "done"}))
     assert_grammar(got, merged=False)
@@ -322,7 +324,11 @@ async def test_demo_without_script(server: Server) -> None:
     assert text_of(got) == text == got[-1]["content"]
 
 
-async def test_content_is_concatenated_deltas_and_seq_is_1_to_n(server: Server) -> None:
+async def test_content_is_concatenated_deltas_and_seq_is_1_to_n(
+    server: Server, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Virtual time: a burst of deltas reaches this prompt reader unmerged even on a
+    # loaded machine (merging starts when a delta has waited MERGE_AFTER_S).
     with trio.fail_after(10):
         got = await run_once(
             server,
@@ -741,7 +747,10 @@ class _ThinkForever:
         ctx.emit_thinking_end()
 
 
-async def test_stop_while_thinking_gets_thinking_end(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_stop_while_thinking_gets_thinking_end(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Virtual time: the thinking deltas reach the reader unmerged on a loaded machine too.
     monkeypatch.setattr("navi_trio.app.make_agent", lambda *_args, **_kwargs: _ThinkForever())
     with trio.fail_after(10):
         async with open_server() as srv:
@@ -772,7 +781,9 @@ async def test_stop_while_thinking_gets_thinking_end(monkeypatch: pytest.MonkeyP
 # -- attach, resume, two tabs, disconnect ----------------------------------------------------
 
 
-async def test_attach_to_active_run(server: Server) -> None:
+async def test_attach_to_active_run(server: Server, autojump_clock: trio.testing.MockClock) -> None:
+    # Virtual time: a burst of deltas reaches this prompt reader unmerged even on a
+    # loaded machine (merging starts when a delta has waited MERGE_AFTER_S).
     with trio.fail_after(10):
         sid = await server.new_session()
         async with server.connect(sid) as a:
@@ -838,7 +849,9 @@ async def test_attach_then_run_completes(server: Server) -> None:
     assert text_of(seen_b) == text_of(seen_a) == "a b b b "
 
 
-async def test_resume_after_seq(server: Server) -> None:
+async def test_resume_after_seq(server: Server, autojump_clock: trio.testing.MockClock) -> None:
+    # Virtual time: a burst of deltas reaches this prompt reader unmerged even on a
+    # loaded machine (merging starts when a delta has waited MERGE_AFTER_S).
     with trio.fail_after(10):
         sid = await server.new_session()
         async with server.connect(sid) as a:
@@ -934,7 +947,9 @@ async def test_resume_unknown_run_id_gets_session_sync(server: Server) -> None:
             await assert_usable(c)
 
 
-async def test_two_tabs_follow_the_same_run(server: Server) -> None:
+async def test_two_tabs_follow_the_same_run(server: Server, autojump_clock: trio.testing.MockClock) -> None:
+    # Virtual time: a burst of deltas reaches this prompt reader unmerged even on a
+    # loaded machine (merging starts when a delta has waited MERGE_AFTER_S).
     with trio.fail_after(10):
         sid = await server.new_session()
         async with server.connect(sid) as a, server.connect(sid) as b:
