@@ -601,7 +601,7 @@ class RunRegistry:
 
     def _finish(self, run: Run) -> None:
         """Synchronous end of a run: deregister, tell re-attached readers to sync, then
-        start the session's next queued request (if any, and not shutting down)."""
+        start the session's next queued request (if any)."""
         sid = run.session_id
         if self._active.get(sid) is run:
             del self._active[sid]
@@ -619,12 +619,11 @@ class RunRegistry:
             nxt = queue.popleft()
             if not queue:
                 del self._queues[sid]
-            if self.closing.is_set():
-                log.warning("run.queued_dropped_by_shutdown", session_id=sid)
-            else:
-                started = self._start(nxt.request)
-                if queue and queue[0].interrupted:
-                    started.cancel("user")  # a later message already interrupted this one
+            # Never during shutdown: drain() empties the queues (saving what they held)
+            # in the same step that makes submit() refuse new requests.
+            started = self._start(nxt.request)
+            if queue and queue[0].interrupted:
+                started.cancel("user")  # a later message already interrupted this one
         if not self._active:
             self._idle.set()
 
@@ -677,14 +676,18 @@ class RunRegistry:
 
     # -- shutdown ----------------------------------------------------------------------
     async def drain(self, grace_s: float) -> None:
-        """Refuse new runs, give active runs ``grace_s`` to finish, then stop the rest with
-        reason ``shutdown``; set :attr:`closed` when every run has ended and been saved.
+        """Refuse new runs, save the messages still queued (their runs will not start),
+        give active runs ``grace_s`` to finish, then stop the rest with reason
+        ``shutdown``; set :attr:`closed` when every run has ended and been saved.
 
         Cancellation: if this task is cancelled, runs still get cancelled by the server
         nursery going away, and each still writes its terminal event and saves.
         """
         self.closing.set()
+        unstarted = [queued.request for queue in self._queues.values() for queued in queue]
         self._queues.clear()
+        if unstarted:
+            await self._keep_unstarted(unstarted)
         with trio.move_on_after(grace_s):
             await self._idle.wait()
         for run in self.runs:
@@ -692,6 +695,27 @@ class RunRegistry:
         with trio.move_on_after(self._save_timeout_s + 1.0):
             await self._idle.wait()
         self.closed.set()
+
+    async def _keep_unstarted(self, requests: list[RunRequest]) -> None:
+        """Save the messages still queued when shutdown begins, each with an empty
+        ``interrupted`` answer: their runs never start, but no message the user sent is
+        lost. The history shows it after the restart, and the user can send it again.
+
+        Cancellation: shielded and bounded by ``save_timeout_s``, like a run's final save.
+        """
+        with trio.move_on_after(self._save_timeout_s, shield=True) as scope:
+            for req in requests:
+                new_run = NewRun(req.session_id, uuid.uuid4().hex, req.original_content, uuid.uuid4().hex, utc_now())
+                answer = Answer(new_run.answer_id, req.session_id, "interrupted", "", "", [])
+                try:
+                    await self.store.begin_runs([new_run])
+                    await self.store.save_answer(answer)
+                except StoreError as exc:  # the session was just deleted, or storage fails
+                    log.error("run.queued_not_saved", session_id=req.session_id, error=str(exc))
+                else:
+                    log.warning("run.queued_saved_unstarted", session_id=req.session_id)
+        if scope.cancelled_caught:
+            log.error("run.queued_save_timed_out", timeout_s=self._save_timeout_s)
 
     def close_followers(self, session_id: str, code: int, reason: str) -> None:
         for follower in self.followers(session_id):

@@ -526,7 +526,8 @@ async def test_drain_gives_grace_then_stops_long_run(autojump_clock: trio.testin
         t0 = trio.current_time()
         run = reg.submit(req(SID, script(LONG_TEXT)))
         assert run is not None
-        assert reg.submit(req(SID, script({"text": "queued"})), if_running="enqueue") is None
+        for text in ("queued one", "queued two"):
+            assert reg.submit(req(SID, script({"text": text})), if_running="enqueue") is None
         await trio.sleep(0.5)
         await reg.drain(5.0)
         assert trio.current_time() - t0 == 5.5  # the grace, not more
@@ -538,9 +539,17 @@ async def test_drain_gives_grace_then_stops_long_run(autojump_clock: trio.testin
         assert wire(run)[-1] == {"type": "stream_stopped", "seq": 8, "content": "w " * 6, "reason": "shutdown"}
         answer = saved_answer(store, run)
         assert (answer.status, answer.content) == ("interrupted", "w " * 6)
-        # the queued request was not started
+        # The queued requests were not started, and not lost either: each message is
+        # saved, in the order sent, with an empty interrupted answer.
         assert reg.active(SID) is None
-        assert [m.role for m in saved(store, SID)] == ["user", "assistant"]
+        assert [(m.role, m.status, m.content) for m in saved(store, SID)] == [
+            ("user", "complete", script(LONG_TEXT)),
+            ("assistant", "interrupted", "w " * 6),
+            ("user", "complete", script({"text": "queued one"})),
+            ("assistant", "interrupted", ""),
+            ("user", "complete", script({"text": "queued two"})),
+            ("assistant", "interrupted", ""),
+        ]
         with pytest.raises(ShuttingDown):
             reg.submit(req(SID, script({"text": "late"})))
     assert not server_nursery.child_tasks
