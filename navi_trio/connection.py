@@ -174,6 +174,9 @@ class Connection:
             with self._outbox_send, self._outbox_recv:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    # A run whose terminal event is already out is over: wait for its save,
+                    # so this client gets session_sync and finds the answer in the history.
+                    await self.registry.current(self.session_id)
                     self._attach(resume_run_id, resume_after)
                     # Constant names: a name formatted per task is kept by it (~60 bytes
                     # each); the conn_id is in the log context.
@@ -313,8 +316,9 @@ class Connection:
             await self._answer_error("Invalid JSON")
             return
         if isinstance(data, dict) and data.get("type") == "stop":
-            run = self.registry.stop(self.session_id, "user")
-            if run is not None:
+            if await self.registry.current(self.session_id) is not None:  # not one already over
+                run = self.registry.stop(self.session_id, "user")
+                assert run is not None
                 await run.done.wait()  # so a message sent right after the stop can start
             return
         try:

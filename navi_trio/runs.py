@@ -338,21 +338,23 @@ class RunRegistry:
         return list(self._active.values())
 
     async def current(self, session_id: str) -> Run | None:
-        """The session's active run as the history should show it: a run whose terminal
-        event is already out is waited for until its answer is saved, then ``None``.
+        """The session's active run as a client sees it: a run whose terminal event is
+        already out is over, so it is waited for until its answer is saved; then whatever
+        runs next (a queued message's run) is the answer, or ``None``.
 
-        A client that saw ``stream_end`` and reloads the history at once must find the
-        answer there: the terminal event goes to the writers a few scheduler passes
-        before the save starts (see ``FLUSH_PASSES``).
+        The terminal event goes to the writers a few scheduler passes before the save
+        starts (``FLUSH_PASSES``), and the save takes a worker thread. A client that saw
+        ``stream_end`` and at once reloads the history, reconnects, or presses stop must
+        find the run over and its answer saved, not a run still "active".
 
         Cancellation: only waits on ``run.done``, which the run's shielded save sets
         within ``save_timeout_s``; a cancel just ends the wait.
         """
         run = self._active.get(session_id)
-        if run is None or not run.log.finished:
-            return run
-        await run.done.wait()
-        return None
+        while run is not None and run.log.finished:
+            await run.done.wait()
+            run = self._active.get(session_id)
+        return run
 
     async def wait_idle(self) -> None:
         """Return once no run is active (every run ended and its answer saved)."""

@@ -382,6 +382,60 @@ async def test_history_read_after_the_terminal_event_finds_the_saved_answer(
     recorder.assert_one_terminal_each()
 
 
+async def test_a_run_over_on_the_wire_is_over_everywhere(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Through the real server, with the answer's save held open after the client saw
+    ``stream_end``: a stop, ``GET /sessions/{id}``, ``GET /messages`` and a new
+    connection all wait for the save, then find the run over (no active run, not
+    running, the answer saved, ``session_sync``), never a run still "active"."""
+    store = HeldSaveStore()
+
+    @asynccontextmanager
+    async def held_store(settings: object) -> AsyncIterator[Store]:
+        yield store
+
+    monkeypatch.setattr("navi_trio.app.open_store", held_store)
+    with trio.fail_after(30):
+        async with open_server() as server:
+            sid = await server.new_session()
+            async with server.connect(sid) as c:
+                assert (await c.recv())["type"] == "session_sync"
+                await c.send_message(script({"text": "done"}))
+                assert (await c.until_terminal())[-1]["type"] == "stream_end"
+                await store.saving.wait()
+                seen: dict[str, object] = {}
+
+                async def stop() -> None:
+                    seen["stop"] = (await server.http.post(f"/sessions/{sid}/stop")).json()
+
+                async def session() -> None:
+                    seen["running"] = (await server.http.get(f"/sessions/{sid}")).json()["running"]
+
+                async def messages() -> None:
+                    r = await server.http.get(f"/sessions/{sid}/messages")
+                    seen["messages"] = [(m["role"], m["status"], m["content"]) for m in r.json()]
+
+                async def reconnect() -> None:
+                    async with server.connect(sid) as again:
+                        seen["first frame"] = await again.recv()
+
+                async with trio.open_nursery() as nursery:
+                    for task in (stop, session, messages, reconnect):
+                        nursery.start_soon(task)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert seen == {}  # each waits for the save
+                    store.release.set()
+            assert seen == {
+                "stop": {"ok": False, "reason": "no active run"},
+                "running": False,
+                "messages": [("user", "complete", script({"text": "done"})), ("assistant", "complete", "done")],
+                "first frame": {"type": "session_sync"},
+            }
+            assert_one_terminal_per_run(c, 1)
+            await server.no_run_left()
+
+
 async def test_no_checkpoint_and_no_timer_without_an_active_run(autojump_clock: trio.testing.MockClock) -> None:
     store = CountingStore()
     with trio.fail_after(1000):
