@@ -23,7 +23,7 @@ from .errors import StoreError
 from .http import HttpApi
 from .runs import RunRegistry
 from .settings import Settings
-from .store import open_store
+from .store import find_session, open_store
 
 if TYPE_CHECKING:
     from .asgi_types import Receive, Scope, Send
@@ -173,7 +173,7 @@ class NaviApp:
             await close(CLOSE_DENIED, str(exc))
             return None
         m = _WS_PATH.match(scope["path"])
-        session = (registry.store.cached_session(m["sid"]) or await registry.store.get_session(m["sid"])) if m else None
+        session = await find_session(registry.store, m["sid"]) if m else None
         if session is None:
             await close(CLOSE_NOT_FOUND, "Session not found")
             return None

@@ -19,6 +19,7 @@ import trio
 from . import uploads
 from .auth import AccessDenied, AuthError, User, authenticate, bearer_token, check_access
 from .errors import StoreError
+from .store import find_session
 
 if TYPE_CHECKING:
     from .asgi_types import Receive, Scope, Send
@@ -147,13 +148,9 @@ class HttpApi:
         raise HTTPError(405, "Method Not Allowed")
 
     async def _session(self, sid: str, user: User | None) -> SessionRecord:
-        """The session, if it exists and the caller may reach it (the one access rule).
-
-        A cached record answers with no scheduler pass: under load a pass can take a
-        whole round of every busy connection, and a stop should not wait for it. Callers
-        checkpoint soon after (the stop waits for its run, every route sends an answer).
-        """
-        session = self.store.cached_session(sid) or await self.store.get_session(sid)
+        """The session, if it exists and the caller may reach it (the one access rule);
+        a cached record with no scheduler pass (``find_session``)."""
+        session = await find_session(self.store, sid)
         if session is None:
             raise HTTPError(404, "Session not found")
         check_access(session, user)

@@ -6,11 +6,21 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from ..settings import Settings
-from .base import Answer, MessageRecord, NewRun, SessionRecord, Store
+from .base import Answer, MessageRecord, NewRun, SessionRecord, Store, find_session
 from .memory import MemoryStore
 from .sqlite import SqliteStore
 
-__all__ = ["Answer", "MemoryStore", "MessageRecord", "NewRun", "SessionRecord", "SqliteStore", "Store", "open_store"]
+__all__ = [
+    "Answer",
+    "MemoryStore",
+    "MessageRecord",
+    "NewRun",
+    "SessionRecord",
+    "SqliteStore",
+    "Store",
+    "find_session",
+    "open_store",
+]
 
 
 @asynccontextmanager

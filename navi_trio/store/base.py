@@ -133,3 +133,11 @@ class Store(Protocol):
     async def revoked_user_ids(self) -> set[str]: ...
 
     def close(self) -> None: ...
+
+
+async def find_session(store: Store, session_id: str) -> SessionRecord | None:
+    """``store.get_session``, but a cached record answers with no scheduler pass: under
+    load a pass can take a whole round of every busy connection, and a stop or a
+    WebSocket handshake should not wait for it. Callers checkpoint soon after (a stop
+    waits for its run, every route and handshake sends something)."""
+    return store.cached_session(session_id) or await store.get_session(session_id)
