@@ -316,10 +316,8 @@ class Connection:
             await self._answer_error("Invalid JSON")
             return
         if isinstance(data, dict) and data.get("type") == "stop":
-            if await self.registry.current(self.session_id) is not None:  # not one already over
-                run = self.registry.stop(self.session_id, "user")
-                assert run is not None
-                await run.done.wait()  # so a message sent right after the stop can start
+            # Waits for the run's end, so a message sent right after the stop can start.
+            await self.registry.stop_current(self.session_id)
             return
         try:
             request, if_running = parse_message(data, self.session_id, self.user_id, self.id, self._max_message_chars)

@@ -179,12 +179,9 @@ class HttpApi:
     async def stop(self, session: SessionRecord) -> tuple[int, Any]:
         """Stop the session's run and answer once it has really ended: its terminal event
         is in the log and its answer saved (``run.done``)."""
-        # A run whose terminal event is out is over (``current`` waits for its save).
-        if await self.registry.current(session.id) is None:
+        run = await self.registry.stop_current(session.id)
+        if run is None:
             return 200, {"ok": False, "reason": "no active run"}
-        run = self.registry.stop(session.id, "user")  # the same run: no checkpoint between
-        assert run is not None
-        await run.done.wait()
         return 200, {"ok": True, "last_seq": run.log.last_seq}
 
     async def delete_session(self, session: SessionRecord) -> tuple[int, Any]:

@@ -467,6 +467,20 @@ class RunRegistry:
             run.cancel(reason)
         return run
 
+    async def stop_current(self, session_id: str) -> Run | None:
+        """A client's stop: cancel the run :meth:`current` gives (one whose terminal
+        event is already out is over, not stopped) and return it once it has really
+        ended, its answer saved; or ``None`` when nothing runs.
+
+        Cancellation: the run is cancelled before any wait, so a cancel of the caller
+        only ends the wait; the run still ends and saves in its own shielded cleanup.
+        """
+        run = await self.current(session_id)
+        if run is not None:
+            run.cancel("user")  # no checkpoint since current(): still the active run
+            await run.done.wait()
+        return run
+
     def forget_session(self, session_id: str) -> None:
         """Drop what was queued for a session that is being deleted."""
         self._queues.pop(session_id, None)
