@@ -57,6 +57,11 @@ class RunRequest:
     #: This session's upload folder (tools read only there).
     upload_dir: Path | None = None
 
+    def saved_as(self, answer_id: str) -> NewRun:
+        """What the store keeps of this message: the user's message and the id of its
+        answer (saved when its run starts, or at shutdown if it was still queued)."""
+        return NewRun(self.session_id, uuid.uuid4().hex, self.original_content, answer_id, utc_now())
+
 
 @attrs.frozen
 class Queued:
@@ -509,9 +514,7 @@ class RunRegistry:
                 run.summary, run.history = await self.store.load_context(req.session_id)
             # The user's message is saved even if a stop lands at once: shielded, bounded.
             with trio.move_on_after(self._save_timeout_s, shield=True) as begin_scope:
-                await self._begin(
-                    NewRun(req.session_id, uuid.uuid4().hex, req.original_content, run.answer_id, utc_now())
-                )
+                await self._begin(req.saved_as(run.answer_id))
             if begin_scope.cancelled_caught:
                 raise StoreError("timed out saving the user's message")
             with run.cancel_scope:
@@ -721,7 +724,7 @@ class RunRegistry:
         """
         with trio.move_on_after(self._save_timeout_s, shield=True) as scope:
             for req in requests:
-                new_run = NewRun(req.session_id, uuid.uuid4().hex, req.original_content, uuid.uuid4().hex, utc_now())
+                new_run = req.saved_as(uuid.uuid4().hex)
                 answer = Answer(new_run.answer_id, req.session_id, "interrupted", "", "", [])
                 try:
                     await self.store.begin_runs([new_run])
