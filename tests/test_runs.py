@@ -141,6 +141,13 @@ def assert_log_grammar(run: Run) -> None:
     assert run.log.terminal is evs[-1]
 
 
+async def assert_no_tasks_left(server_nursery: trio.Nursery) -> None:
+    """Inside the server nursery's block (after it, the set is always empty): once every
+    task has settled, none of the server's is left running (STYLE 4.4)."""
+    await trio.testing.wait_all_tasks_blocked()
+    assert not server_nursery.child_tasks, server_nursery.child_tasks
+
+
 def assert_settled(run: Run, reg: RunRegistry, server_nursery: trio.Nursery) -> None:
     assert run.done.is_set()
     assert run.settled
@@ -203,7 +210,7 @@ async def test_stop_during_text_step_saves_partial(autojump_clock: trio.testing.
         # The follower saw exactly the log, live, one frame per event.
         assert outbox.take() == events
         assert follower.subs[0].queued == run.log.last_seq
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 async def test_stop_during_async_tool_gives_cancelled_tool_call(autojump_clock: trio.testing.MockClock) -> None:
@@ -238,7 +245,7 @@ async def test_stop_during_async_tool_gives_cancelled_tool_call(autojump_clock: 
         answer = saved_answer(store, run)
         assert (answer.status, answer.content) == ("stopped", "a")
         assert answer.tool_calls == [{"tool": "t", "args": {"k": 1}, "result": "cancelled", "success": False}]
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 async def test_stop_before_first_checkpoint_still_saves_user_message(
@@ -282,7 +289,7 @@ async def test_stop_reasons(autojump_clock: trio.testing.MockClock, reasons: lis
         assert_settled(run, reg, server_nursery)
         assert wire(run)[-1] == {"type": "stream_stopped", "seq": 4, "content": "w w ", "reason": reasons[0]}
         assert saved_answer(store, run).status == status
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 async def test_stop_when_last_delta_is_emitted(autojump_clock: trio.testing.MockClock) -> None:
@@ -304,14 +311,12 @@ async def test_stop_when_last_delta_is_emitted(autojump_clock: trio.testing.Mock
         await run.done.wait()
         assert stops == [run]
         assert_settled(run, reg, server_nursery)
-        terminal = wire(run)[-1]
-        assert run.log.content == "aaa"
-        assert terminal["type"] in ("stream_end", "stream_stopped")
-        assert terminal["content"] == "aaa"
-        expected = {"stream_end": "complete", "stream_stopped": "stopped"}[terminal["type"]]
-        assert (saved_answer(store, run).status, saved_answer(store, run).content) == (expected, "aaa")
+        # The stop lands before the step's closing checkpoint: the run is stopped, with
+        # every delta it emitted in its answer.
+        assert wire(run)[-1] == {"type": "stream_stopped", "seq": 5, "content": "aaa", "reason": "user"}
+        assert (saved_answer(store, run).status, saved_answer(store, run).content) == ("stopped", "aaa")
         assert reg.stop(SID) is None  # after the end: nothing to stop
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 async def test_stop_when_stream_end_is_emitted(autojump_clock: trio.testing.MockClock) -> None:
@@ -335,7 +340,7 @@ async def test_stop_when_stream_end_is_emitted(autojump_clock: trio.testing.Mock
         assert_settled(run, reg, server_nursery)
         assert wire(run)[-1] == {"type": "stream_end", "seq": 5, "content": "aaa"}
         assert saved_answer(store, run).status == "complete"
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 async def test_stop_during_final_save(autojump_clock: trio.testing.MockClock) -> None:
@@ -361,7 +366,7 @@ async def test_stop_during_final_save(autojump_clock: trio.testing.MockClock) ->
         assert wire(run)[-1]["type"] == "stream_end"
         assert saved_answer(store, run).status == "complete"
         assert outbox.take() == []  # nothing after the terminal
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 @pytest.mark.parametrize("offset", [1.5, 2.0, 2.5, 3.0])
@@ -395,7 +400,7 @@ async def test_stop_racing_completion_in_time(autojump_clock: trio.testing.MockC
             assert stopped is None
             assert terminal["type"] == "stream_end"
         assert reg.stop(SID) is None
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -445,7 +450,7 @@ async def test_agent_crash_is_terminal_error_and_server_carries_on(autojump_cloc
         assert run3 is not None
         await run3.done.wait()
         assert wire(run3)[-1]["type"] == "stream_end"
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 async def test_bad_script_step_is_terminal_error(autojump_clock: trio.testing.MockClock) -> None:
@@ -483,7 +488,6 @@ async def test_outer_cancellation_stops_with_reason_shutdown(autojump_clock: tri
     assert (answer.status, answer.content) == ("interrupted", "w " * 3)
     assert reg.active(SID) is None
     assert outbox.take() == wire(run)
-    assert not server_nursery.child_tasks
 
 
 async def test_outer_cancellation_during_tool_still_saves(autojump_clock: trio.testing.MockClock) -> None:
@@ -496,13 +500,14 @@ async def test_outer_cancellation_during_tool_still_saves(autojump_clock: trio.t
         run = reg.submit(req(SID, script({"text": "a"}, {"tool": "t", "delay": 30})))
         assert run is not None
         await trio.sleep(1)
+        cancelled_at = trio.current_time()
         server_nursery.cancel_scope.cancel()
     assert_log_grammar(run)
     assert [e["type"] for e in wire(run)][-2:] == ["tool_call", "stream_stopped"]
     assert wire(run)[-1]["reason"] == "shutdown"
     assert [(a.status, a.content) for a in store.saves] == [("interrupted", "a")]
     assert saved_answer(store, run).status == "interrupted"
-    assert not server_nursery.child_tasks
+    assert trio.current_time() - cancelled_at == 1.0  # the shielded save, and no more
 
 
 async def test_save_that_hangs_is_bounded(autojump_clock: trio.testing.MockClock) -> None:
@@ -516,7 +521,7 @@ async def test_save_that_hangs_is_bounded(autojump_clock: trio.testing.MockClock
         assert trio.current_time() - t0 == 2.0
         assert_settled(run, reg, server_nursery)
         assert reg.active(SID) is None
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 async def test_drain_gives_grace_then_stops_long_run(autojump_clock: trio.testing.MockClock) -> None:
@@ -552,7 +557,7 @@ async def test_drain_gives_grace_then_stops_long_run(autojump_clock: trio.testin
         ]
         with pytest.raises(ShuttingDown):
             reg.submit(req(SID, script({"text": "late"})))
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 async def test_drain_lets_short_run_complete(autojump_clock: trio.testing.MockClock) -> None:
@@ -569,7 +574,7 @@ async def test_drain_lets_short_run_complete(autojump_clock: trio.testing.MockCl
         assert wire(run)[-1] == {"type": "stream_end", "seq": 5, "content": "xxx"}
         assert saved_answer(store, run).status == "complete"
         assert run.stop_reason is None
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 async def test_drain_with_no_runs_returns_at_once(autojump_clock: trio.testing.MockClock) -> None:
@@ -579,7 +584,7 @@ async def test_drain_with_no_runs_returns_at_once(autojump_clock: trio.testing.M
         await reg.drain(10.0)
         assert trio.current_time() == t0
         assert reg.closed.is_set()
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 # -- submit ----------------------------------------------------------------------------
@@ -608,7 +613,7 @@ async def test_submit_is_atomic_and_rejects_second_run(autojump_clock: trio.test
         assert_settled(run, reg, server_nursery)
         assert wire(run)[-1]["content"] == "aaa"  # the rejected request changed nothing
         assert [m.role for m in saved(store, SID)] == ["user", "assistant"]
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 async def test_concurrent_submits_start_exactly_one_run(autojump_clock: trio.testing.MockClock) -> None:
@@ -638,7 +643,7 @@ async def test_concurrent_submits_start_exactly_one_run(autojump_clock: trio.tes
         assert len(rejected) == 4
         await started[0].done.wait()
         assert_settled(started[0], reg, server_nursery)
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 async def test_enqueue_starts_right_after_and_is_bounded(autojump_clock: trio.testing.MockClock) -> None:
@@ -689,7 +694,7 @@ async def test_enqueue_starts_right_after_and_is_bounded(autojump_clock: trio.te
         # The queue is free again.
         assert reg.submit(req(SID, script({"text": "5"}))) is not None
         await reg.drain(5)
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 async def test_interrupt_stops_active_then_starts_new(autojump_clock: trio.testing.MockClock) -> None:
@@ -733,7 +738,7 @@ async def test_interrupt_stops_active_then_starts_new(autojump_clock: trio.testi
             ("assistant", "complete"),
             ("assistant", "complete"),
         ]
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 async def test_submit_after_drain_begins_raises_shutting_down(autojump_clock: trio.testing.MockClock) -> None:
@@ -757,7 +762,7 @@ async def test_submit_after_drain_begins_raises_shutting_down(autojump_clock: tr
         assert_settled(run, reg, server_nursery)
         assert wire(run)[-1]["reason"] == "shutdown"
         assert "s2" not in store.messages or store.messages["s2"] == []
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 # -- slow subscribers ------------------------------------------------------------------
@@ -834,7 +839,7 @@ async def test_lagging_subscriber_does_not_slow_run_and_catches_up(autojump_cloc
         # The fast subscriber got every event live, unmerged, unaffected by the slow one.
         assert fast.take() == wire(run)
         assert not fast_follower.subs[0].lagging
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 async def test_replay_mid_run_then_live(autojump_clock: trio.testing.MockClock) -> None:
@@ -890,7 +895,7 @@ async def test_replay_mid_run_then_live(autojump_clock: trio.testing.MockClock) 
         assert deltas(everything, "thinking_delta") == run.log.thinking_text
         assert everything[-1] == {"type": "session_sync"}
         assert_settled(run, reg, server_nursery)
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 @pytest.mark.parametrize("after", [1, 3, 5, 6])
@@ -925,7 +930,7 @@ async def test_resume_after_n_gives_only_later_events(autojump_clock: trio.testi
         assert seqs[-1] == run.log.last_seq
         assert "w " * (after - 1) + deltas(replayed + rest) == run.log.content
         assert_settled(run, reg, server_nursery)
-    assert not server_nursery.child_tasks
+        await assert_no_tasks_left(server_nursery)
 
 
 # -- threads (real clock: STYLE 4.5) ---------------------------------------------------
@@ -950,7 +955,7 @@ async def test_stop_during_thread_tool_returns_promptly() -> None:
             assert wire(run)[-2]["result"] == "cancelled"
             assert wire(run)[-2]["success"] is False
             assert saved_answer(store, run).status == "stopped"
-        assert not server_nursery.child_tasks
+            await assert_no_tasks_left(server_nursery)
 
 
 async def test_pacer_wakes_at_the_deadlines_and_forgets_cancelled_sleeps(
