@@ -41,6 +41,7 @@ MAX_FILES: Final = 32
 MAX_IMAGE_BYTES: Final = 50 * 1024 * 1024
 EXPECTED_MESSAGE: Final = "Expected {type: 'message', content: '...'}"
 ALREADY_RUNNING: Final = "Agent is already running for this session."
+NO_RUN_TO_STOP: Final = "No active run to stop."
 
 #: Close codes (CONTRACT section 3 and 7).
 CLOSE_NOT_FOUND: Final = 4004
@@ -317,7 +318,8 @@ class Connection:
             return
         if isinstance(data, dict) and data.get("type") == "stop":
             # Waits for the run's end, so a message sent right after the stop can start.
-            await self.registry.stop_current(self.session_id)
+            if await self.registry.stop_current(self.session_id) is None:
+                await self._answer_error(NO_RUN_TO_STOP)
             return
         try:
             request, if_running = parse_message(data, self.session_id, self.user_id, self.id, self._max_message_chars)

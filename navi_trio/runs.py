@@ -255,7 +255,8 @@ class Run:
 
         - ``replay=False``: a follower from the start (``after`` ignored; the run is new).
         - ``replay=True, after=None``: attach: stream_start, replay_start, the rest, replay_end.
-        - ``replay=True, after=N``: resume: replay_start, the events with seq > N, replay_end.
+        - ``replay=True, after=N``: resume: stream_start (seq 1, as every attach begins),
+          replay_start, the events with seq > N, replay_end.
         """
         sub = Subscriber(self, outbox)
         if replay:
@@ -263,11 +264,8 @@ class Run:
             # from the log as they are written, so nothing is copied ahead of time.
             events = self.log.events
             n = len(events)
-            if after is None or after < 1:
-                sub.prelude.append(events[0].wire)
-                start = 1
-            else:
-                start = min(after, n)
+            start = 1 if after is None else min(max(after, 1), n)
+            sub.prelude.append(events[0].wire)
             sub.prelude.append(replay_start_frame(count_frames(events, start, n)))
             sub.queued = start
             sub.replay_until = n

@@ -285,11 +285,13 @@ async def test_resume_after_seq_has_no_gap_or_duplicate(autojump_clock: trio.tes
             await assert_no_run_tasks(run)
 
         types = [e["type"] for e in b_got]
-        assert types[0] == "replay_start"
-        assert "stream_start" not in types
+        # A resume begins as every attach does: stream_start (seq 1), then the replay.
+        assert types[:2] == ["stream_start", "replay_start"]
+        assert b_got[0] == {"type": "stream_start", "seq": 1, "run_id": rid}
+        assert types.count("stream_start") == 1
         i_end = types.index("replay_end")
-        assert b_got[0]["count"] == i_end - 1 >= 1
-        b_part = run_events(b_got)
+        assert b_got[1]["count"] == i_end - 2 >= 1
+        b_part = run_events(b_got)[1:]
         seqs = [e["seq"] for e in b_part]
         assert all(s > n for s in seqs)
         assert seqs == sorted(set(seqs))

@@ -727,8 +727,12 @@ async def test_stop_without_run_over_websocket_keeps_connection(server: Server) 
         async with server.connect(sid) as c:
             await expect_sync(c)
             await c.send({"type": "stop"})
+            assert await c.recv() == {"type": "error", "message": "No active run to stop."}
             await c.send_message(script({"text": "ok"}))
             got = await c.until_terminal()
+            # Once the run is over, a stop is answered the same way.
+            await c.send({"type": "stop"})
+            assert await c.recv() == {"type": "error", "message": "No active run to stop."}
     runs = split_runs(got)
     assert len(runs) == 1
     assert_grammar(runs[0], merged=False)
@@ -861,6 +865,8 @@ async def test_resume_after_seq(server: Server, autojump_clock: trio.testing.Moc
             run_id = seen_a[0]["run_id"]
             n = 3
             async with server.connect(sid, query=f"run_id={run_id}&after={n}") as b:
+                first = await b.recv()
+                assert first == seen_a[0]  # stream_start, seq 1, as every attach begins
                 rs = await b.recv()
                 assert rs["type"] == "replay_start"
                 replayed = [await b.recv() for _ in range(rs["count"])]
@@ -872,7 +878,7 @@ async def test_resume_after_seq(server: Server, autojump_clock: trio.testing.Moc
             seen_a += await a.until_terminal()
     assert sync == {"type": "session_sync"}
     assert_grammar(seen_a, merged=False)
-    assert all(e["type"] != "stream_start" for e in b.received)
+    assert [e["type"] for e in b.received].count("stream_start") == 1
     seqs = [e["seq"] for e in replayed + live]
     assert seqs == sorted(set(seqs))
     assert seqs[0] > n
@@ -893,9 +899,10 @@ async def test_resume_with_merged_deltas_keeps_text(server: Server) -> None:
                 await server.http.post(f"/sessions/{sid}/stop")
                 got += await b.until_terminal()
             seen_a += await a.until_terminal()
-    assert got[0]["type"] == "replay_start"
-    assert got[0]["count"] == types(got).index("replay_end") - 1
-    evs = run_events(got)
+    assert got[0] == seen_a[0]  # stream_start (seq 1) first, then the replay
+    assert got[1]["type"] == "replay_start"
+    assert got[1]["count"] == types(got).index("replay_end") - 2
+    evs = run_events(got)[1:]
     seqs = [e["seq"] for e in evs]
     assert seqs == sorted(set(seqs))
     assert seqs[0] > 3
