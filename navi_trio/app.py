@@ -93,6 +93,7 @@ class NaviApp:
                     agent,
                     save_timeout_s=settings.save_timeout_s,
                     max_queued_runs=settings.max_queued_runs,
+                    max_run_events=settings.max_run_events,
                 )
                 recovered = await store.recover_interrupted()
                 if recovered:

@@ -12,6 +12,10 @@ class BadClientMessage(NaviError):
     """A WebSocket client message the contract refuses; ``str(exc)`` is the wire message."""
 
 
+class ScriptTooLarge(BadClientMessage):
+    """A script over one of the scripted agent's bounds; ``str(exc)`` names the bound."""
+
+
 class RunAlreadyActive(NaviError):
     """A session already has an active run and the client asked to ``reject``."""
 

@@ -136,6 +136,12 @@ class RunLog:
     def tool_open(self) -> bool:
         return bool(self._open_tools)
 
+    def has_room(self, max_events: int) -> bool:
+        """Whether one more body event (with the ``thinking_end`` it may close first) still
+        leaves room under ``max_events`` for what a stop appends: a ``tool_call`` per open
+        tool, a ``thinking_end`` and the terminal event. A run's log never holds more."""
+        return len(self.events) + len(self._open_tools) + self._thinking_open + 3 <= max_events
+
     # -- appending ---------------------------------------------------------------------
     def _append(self, type_: str, fields: dict[str, Any] | None = None, delta: str | None = None) -> Event:
         if self.terminal is not None:

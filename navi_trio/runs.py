@@ -160,6 +160,12 @@ class Run:
     failure: str | None = None
     #: ``log.answer_changes`` as of the last checkpoint: what the store holds.
     checkpointed: int = 0
+    #: NAVI_MAX_RUN_EVENTS: the log never holds more (what the agent emits past it is
+    #: dropped, and the run ends with an ``error`` saying so).
+    max_events: int = 200_000
+    #: Tools whose ``tool_started`` was dropped past ``max_events`` and not yet finished
+    #: (the innermost, since nothing starts after the bound): their ``tool_call`` is too.
+    dropped_tools: int = 0
     #: Loaded before the agent plays, for agents that want it.
     history: list[dict[str, Any]] = attrs.Factory(list)
     summary: str | None = None
@@ -201,22 +207,40 @@ class Run:
             await self.store.save_summary(self.session_id, summary, through_message_id)
 
     def emit_thinking(self, delta: str) -> None:
-        self.publish(self.log.thinking_delta(delta))
+        if self._has_room():
+            self.publish(self.log.thinking_delta(delta))
 
     def emit_thinking_end(self) -> None:
-        self.publish(self.log.thinking_end())
+        self.publish(self.log.thinking_end())  # closes, never adds to what must be closed
 
     def emit_text(self, delta: str) -> None:
-        self.publish(self.log.text_delta(delta))
+        if self._has_room():
+            self.publish(self.log.text_delta(delta))
 
     def emit_tool_started(self, tool: str, args: Any, *, is_subagent: bool = False) -> None:
-        self.publish(self.log.tool_started(tool, args, is_subagent=is_subagent))
+        if self._has_room():
+            self.publish(self.log.tool_started(tool, args, is_subagent=is_subagent))
+        else:
+            self.dropped_tools += 1
 
     def emit_tool_call(self, result: str, *, success: bool) -> None:
+        if self.dropped_tools:  # its tool_started was dropped past the bound: so is this
+            self.dropped_tools -= 1
+            return
         self.publish(self.log.tool_call(result, success=success))
 
     def emit_context_compressed(self) -> None:
-        self.publish(self.log.context_compressed())
+        if self._has_room():
+            self.publish(self.log.context_compressed())
+
+    def _has_room(self) -> bool:
+        """Whether one more agent event fits under :attr:`max_events` with room left for
+        what closes the run; if not, the run is ended with an ``error`` saying so (at
+        the agent's next checkpoint) and the event is dropped."""
+        if self.log.has_room(self.max_events):
+            return True
+        self.fail(f"The answer reached the limit of {self.max_events} events (NAVI_MAX_RUN_EVENTS) and was ended.")
+        return False
 
     # -- fan-out -----------------------------------------------------------------------
     def publish(self, events: list[Event]) -> None:
@@ -243,8 +267,8 @@ class Run:
         self.cancel_scope.cancel(reason=f"stop: {reason}")
 
     def fail(self, message: str) -> None:
-        """End the run with a terminal ``error`` (a storage fault), unless it is already
-        stopping or over."""
+        """End the run with a terminal ``error`` (a storage fault, the event bound), unless
+        it is already stopping or over."""
         if self.stop_reason is None and self.failure is None and not self.log.finished:
             self.failure = message
             self.cancel_scope.cancel(reason="storage fault")
@@ -307,12 +331,16 @@ class RunRegistry:
         *,
         save_timeout_s: float = 5.0,
         max_queued_runs: int = 4,
+        max_run_events: int = 200_000,
     ) -> None:
         self._nursery = server_nursery
         self.store = store
         self._agent = agent
         self._save_timeout_s = save_timeout_s
         self._max_queued = max_queued_runs
+        self._max_run_events = max_run_events
+        #: The agent's own check of a message before its run starts, if it has one.
+        self._check_message = getattr(agent, "check_message", None)
         self._active: dict[str, Run] = {}
         self._queues: dict[str, deque[Queued]] = {}
         #: Lists, not sets: a session has a follower or two, and an empty set costs 216
@@ -418,12 +446,15 @@ class RunRegistry:
         ``interrupt``: it starts as soon as the stopped run has ended).
 
         Raises:
+            BadClientMessage: the agent refuses the message (a script over its bounds).
             RunAlreadyActive: ``reject`` and a run is active.
             QueueFull: ``enqueue`` and the session's queue is at its bound.
             ShuttingDown: the server is draining.
         """
         if self.closing.is_set():
             raise ShuttingDown("The server is shutting down; try again shortly.")
+        if self._check_message is not None:
+            self._check_message(request.original_content)
         sid = request.session_id
         active = self._active.get(sid)
         if active is None:
@@ -453,7 +484,7 @@ class RunRegistry:
         return None
 
     def _start(self, request: RunRequest) -> Run:
-        run = Run(request)
+        run = Run(request, max_events=self._max_run_events)
         self._active[request.session_id] = run
         self._idle = trio.Event()
         self._run_started.set()

@@ -48,6 +48,13 @@ class Settings:
     max_upload_mb: float = 25.0
     max_message_chars: int = 100_000
     max_connections_per_user: int = 32
+    #: Bounds on a scripted agent's script, checked before it plays (CONTRACT section 4):
+    #: anyone who can send a message can send a script.
+    script_max_events: int = 100_000
+    script_max_chars: int = 10_000_000
+    script_max_seconds: float = 3600.0
+    #: Events any run may hold, of any agent; past it the run ends with an ``error``.
+    max_run_events: int = 200_000
     #: hypercorn's access log: "" (off), "-" (stderr) or a file; tokens are redacted.
     access_log: str = ""
     #: The OpenAI-compatible endpoint of ``--agent openai`` (CONTRACT section 5).
@@ -107,6 +114,11 @@ class Settings:
                 raise ValueError(f"{name} must be positive")
         if self.max_upload_mb <= 0 or self.max_message_chars < 1 or self.max_connections_per_user < 1:
             raise ValueError("max_upload_mb, max_message_chars and max_connections_per_user must be positive")
+        for name in ("script_max_events", "script_max_chars", "script_max_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.max_run_events < 4:
+            raise ValueError("max_run_events must be at least 4 (a run's start, one event, what closes it, its end)")
         if self.outbox_size < 1 or self.max_queued_runs < 0:
             raise ValueError("outbox_size must be >= 1 and max_queued_runs >= 0")
 

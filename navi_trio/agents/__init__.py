@@ -5,19 +5,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import Agent, RunContext
-from .scripted import ScriptedAgent
+from .scripted import ScriptBounds, ScriptedAgent
 
 if TYPE_CHECKING:
     from ..settings import Settings
     from .pacing import Pacer
 
-__all__ = ["Agent", "RunContext", "ScriptedAgent", "make_agent"]
+__all__ = ["Agent", "RunContext", "ScriptBounds", "ScriptedAgent", "make_agent"]
 
 
 def make_agent(settings: Settings, pacer: Pacer | None = None) -> Agent:
     """The agent configured by ``--agent`` / ``NAVI_AGENT``. Raises ``ValueError``."""
     if settings.agent == "scripted":
-        return ScriptedAgent(pacer)
+        bounds = ScriptBounds(settings.script_max_events, settings.script_max_chars, settings.script_max_seconds)
+        return ScriptedAgent(pacer, bounds=bounds)
     if settings.agent == "openai":
         from .openai import OpenAIAgent, OpenAISettings
 

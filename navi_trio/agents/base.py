@@ -66,6 +66,11 @@ class RunContext(Protocol):
 
 
 class Agent(Protocol):
+    """An agent. It may also have ``check_message(user_message: str) -> None``, called
+    before a run starts for a message: raise
+    :class:`~navi_trio.errors.BadClientMessage` to refuse it with that text (the scripted
+    agent refuses scripts over its bounds there), and no run starts."""
+
     async def play(self, ctx: RunContext) -> None:
         """Produce one answer through ``ctx``.
 

@@ -13,14 +13,17 @@ import re
 import time
 from typing import Any, Final
 
+import attrs
 import orjson
 import trio
 
-from ..errors import AgentError
+from ..errors import AgentError, ScriptTooLarge
 from .base import RunContext
 from .pacing import Pacer
 
 BURST: Final = 8
+#: What ``"stamp": true`` puts before each delta: ``[t=<unix time, 6 decimals>]``.
+STAMP_CHARS: Final = len("[t=1700000000.000000]")
 #: The demonstration answer streams its words at a model's pace.
 DEMO_WORD_DELAY_S: Final = 0.02
 _WORD = re.compile(r"\S+\s*")
@@ -30,18 +33,83 @@ class ScriptError(AgentError):
     """A script step the scripted agent does not understand."""
 
 
+@attrs.frozen
+class ScriptBounds:
+    """How much one script may ask for (CONTRACT section 4): the scripted agent is the
+    default and anyone who can send a message can send a script, so
+    ``{"text": "x", "repeat": 10**9}`` must be refused before it plays, not after it
+    has taken the server's memory."""
+
+    max_events: int = 100_000
+    max_chars: int = 10_000_000
+    max_seconds: float = 3600.0
+
+    def check(self, steps: list[Any]) -> None:
+        """Raise :class:`ScriptTooLarge` naming the first bound ``steps`` would pass.
+
+        Steps the agent would refuse while playing (a wrong type, a negative repeat) count
+        for nothing here: playing them ends the run with the step's own error.
+        """
+        events = 0
+        chars = 0
+        seconds = 0.0
+        for step in steps:
+            if not isinstance(step, dict):
+                continue
+            if isinstance(think := step.get("think"), str):
+                events += len(_WORD.findall(think)) + 1
+                chars += len(think)
+            elif isinstance(text := step.get("text"), str):
+                repeat = _lenient_int(step.get("repeat", 1))
+                events += repeat
+                chars += repeat * (len(text) + (STAMP_CHARS if step.get("stamp") is True else 0))
+                seconds += max(repeat - 1, 0) * _lenient_number(step.get("delay", 0))
+            elif "tool" in step:
+                events += 2
+                result = step.get("result", "")
+                chars += len(result) if isinstance(result, str) else 0
+                seconds += _lenient_number(step.get("delay", 0))
+            elif "sleep" in step:
+                seconds += _lenient_number(step.get("sleep"))
+            elif step.get("compress") is True:
+                events += 1
+        if events > self.max_events:
+            raise ScriptTooLarge(f"Script too large: {events} events (max {self.max_events}, NAVI_SCRIPT_MAX_EVENTS).")
+        if chars > self.max_chars:
+            raise ScriptTooLarge(
+                f"Script too large: {chars} characters of text (max {self.max_chars}, NAVI_SCRIPT_MAX_CHARS)."
+            )
+        if seconds > self.max_seconds:
+            raise ScriptTooLarge(
+                f"Script too long: {seconds:g} seconds of delays and sleeps "
+                f"(max {self.max_seconds:g}, NAVI_SCRIPT_MAX_SECONDS)."
+            )
+
+
 class ScriptedAgent:
-    def __init__(self, pacer: Pacer | None = None) -> None:
+    def __init__(self, pacer: Pacer | None = None, *, bounds: ScriptBounds | None = None) -> None:
         #: Paces text steps; the server runs ``pacer.serve`` in its nursery.
         self.pacer = pacer if pacer is not None else Pacer()
+        self.bounds = bounds if bounds is not None else ScriptBounds()
         # Tool threads are abandoned on stop; bound how many can pile up.
         self._tool_threads = trio.CapacityLimiter(64)
+
+    def check_message(self, user_message: str) -> None:
+        """Refuse a script over :attr:`bounds` before any run starts for it (the run
+        registry asks every agent that has this method). Raises :class:`ScriptTooLarge`."""
+        steps = parse_script(user_message)
+        if steps is not None:
+            self.bounds.check(steps)
 
     async def play(self, ctx: RunContext) -> None:
         steps = parse_script(ctx.user_message)  # the notes on images/files are not part of it
         if steps is None:
             await self._demo(ctx)
             return
+        try:
+            self.bounds.check(steps)  # also when played without the registry's check
+        except ScriptTooLarge as exc:
+            raise ScriptError(str(exc)) from None
         for i, step in enumerate(steps):
             await self._step(ctx, i, step)
 
@@ -134,6 +202,16 @@ def parse_script(content: str) -> list[Any] | None:
         if isinstance(steps, list):
             return steps
     return None
+
+
+def _lenient_int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _lenient_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        return 0.0
+    return float(value)
 
 
 def _str(step: dict[str, Any], key: str, index: int) -> str:
