@@ -7,14 +7,19 @@ replaces them, and drops the environment atoms (which may hold API keys).
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
 from hypercorn.logging import Logger
 
+from .logs import guard_hypercorn_loggers
+
 if TYPE_CHECKING:
+    from hypercorn.config import Config
     from hypercorn.typing import ResponseSummary, WWWScope
 
 _PAIR = re.compile(r"(^|[?&])([^=&?\s]*)=([^&\s]*)")
@@ -35,6 +40,18 @@ def redact_query(text: str) -> str:
 
 
 class RedactingLogger(Logger):
+    """hypercorn's logger with tokens redacted, ``-`` meaning stderr for the access log
+    too (hypercorn's own default for it is stdout, where ``navi-trio serve`` prints its
+    URL), and lines that cannot be written dropped and counted (:mod:`navi_trio.logs`)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        if config.accesslog == "-" and self.access_logger is not None:
+            for handler in self.access_logger.handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+                    handler.setStream(sys.stderr)
+        guard_hypercorn_loggers()
+
     def atoms(self, request: WWWScope, response: ResponseSummary | None, request_time: float) -> Mapping[str, str]:
         atoms: dict[str, Any] = dict(super().atoms(request, response, request_time))
         for key in list(atoms):

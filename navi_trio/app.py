@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import signal
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
@@ -19,14 +20,16 @@ from .agents import make_agent
 from .agents.pacing import Pacer
 from .auth import AccessDenied, AuthError, authenticate, bearer_token, check_access
 from .connection import CLOSE_DENIED, CLOSE_NOT_FOUND, CLOSE_POLICY, CLOSE_RESTART, Connection
-from .errors import StoreError
+from .errors import NaviError
 from .http import HttpApi
+from .logs import guard_hypercorn_loggers
 from .runs import RunRegistry
 from .settings import Settings
 from .store import find_session, open_store
 
 if TYPE_CHECKING:
     from .asgi_types import Receive, Scope, Send
+    from .store.base import Store
 
 log = structlog.get_logger("navi_trio.app")
 
@@ -35,15 +38,19 @@ STATE_KEY: Final = "navi"
 #: How soon a revoked user's open connections are closed (``navi-trio users revoke``
 #: runs in another process, so the server looks at the store).
 REVOCATION_POLL_S: Final = 1.0
+#: WebSocket close code once the server cannot go on (RFC 6455 "internal error").
+CLOSE_INTERNAL_ERROR: Final = 1011
 
 
 class Services:
     """What the lifespan task opens and every connection uses."""
 
-    def __init__(self, settings: Settings, registry: RunRegistry, pacer: Pacer) -> None:
+    def __init__(
+        self, settings: Settings, registry: RunRegistry, pacer: Pacer, *, health: Callable[[], str | None]
+    ) -> None:
         self.settings = settings
         self.registry = registry
-        self.http = HttpApi(registry, registry.store, settings)
+        self.http = HttpApi(registry, registry.store, settings, health=health)
         self.pacer = pacer
 
 
@@ -57,6 +64,12 @@ class NaviApp:
         #: connections are cancelled, so the app listens for SIGINT/SIGTERM itself.
         self._watch_signals = watch_signals
         self._shutdown_requested = trio.Event()
+        #: Why the server could not start (the line ``navi-trio serve`` prints), if it could not.
+        self.startup_error: str | None = None
+        #: Why the server stopped being able to serve, once it did (``/healthz`` says it).
+        self.failure: str | None = None
+        #: Set when the server nursery failed after startup: the host must stop serving.
+        self.failed = trio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -75,48 +88,91 @@ class NaviApp:
     async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Own the server-lifetime nursery from startup to shutdown (STYLE P2).
 
+        A failure while starting (the store cannot be opened, a bad setting) is
+        answered with ``lifespan.startup.failed`` naming the cause, whether it came
+        straight or wrapped in the nursery's ``ExceptionGroup``. A failure of the nursery
+        once serving (its run supervisor gone) makes ``/healthz`` answer 503 and asks the
+        host to stop (:attr:`failed`): the process must exit, not serve half-dead.
+
         Cancellation: when hypercorn cancels the lifespan task, the nursery's runs are
         cancelled from outside and each still writes its terminal event and saves.
         """
         message = await receive()
         assert message["type"] == "lifespan.startup"
-        settings = self.settings
+        started = stopping = False
+        error: Exception | None = None
         try:
-            async with open_store(settings) as store, trio.open_nursery() as server_nursery:
-                # One shared timer for paced runs and every connection's heartbeat.
-                pacer = Pacer()
-                server_nursery.start_soon(pacer.serve)
-                agent = make_agent(settings, pacer=pacer)
-                registry = RunRegistry(
-                    server_nursery,
-                    store,
-                    agent,
-                    save_timeout_s=settings.save_timeout_s,
-                    max_queued_runs=settings.max_queued_runs,
-                    max_run_events=settings.max_run_events,
-                )
-                recovered = await store.recover_interrupted()
-                if recovered:
-                    log.warning("store.recovered_interrupted_answers", count=recovered)
-                server_nursery.start_soon(registry.serve_checkpoints, settings.checkpoint_s)
-                server_nursery.start_soon(registry.serve_revocations, REVOCATION_POLL_S)
-                services = Services(settings, registry, pacer)
-                scope["state"][STATE_KEY] = services
-                self.services = services
-                server_nursery.start_soon(self._drain_on_request, registry)
-                if self._watch_signals:
-                    server_nursery.start_soon(self._begin_shutdown_on_signal)
-                log.info("server.started", store=settings.store, agent=settings.agent, auth=settings.auth)
+            async with open_store(self.settings) as store, trio.open_nursery() as server_nursery:
+                registry = await self._start(scope, store, server_nursery)
+                started = True
                 await send({"type": "lifespan.startup.complete"})
                 message = await receive()  # lifespan.shutdown: every connection has ended
-                await registry.drain(0.0 if registry.closing.is_set() else settings.grace_s)
+                stopping = True
+                await registry.drain(0.0 if registry.closing.is_set() else self.settings.grace_s)
                 server_nursery.cancel_scope.cancel(reason="lifespan shutdown")
-        except (StoreError, ValueError) as exc:
-            log.error("server.startup_failed", error=str(exc))
-            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+        except* Exception as group:
+            error = _first_error(group)
+        if error is None:
+            log.info("server.stopped")
+            await send({"type": "lifespan.shutdown.complete"})
+        elif not started:
+            self.startup_error = _describe(error)
+            if self._watch_signals:  # under hypercorn's CLI; `navi-trio serve` prints it itself
+                log.error("server.startup_failed", error=self.startup_error)
+            await send({"type": "lifespan.startup.failed", "message": self.startup_error})
+        else:
+            await self._supervisor_failed(error, receive, send, stopping=stopping)
+
+    async def _start(self, scope: Scope, store: Store, server_nursery: trio.Nursery) -> RunRegistry:
+        """Start the server's own tasks in ``server_nursery``; publish the services."""
+        settings = self.settings
+        guard_hypercorn_loggers()
+        # One shared timer for paced runs and every connection's heartbeat.
+        pacer = Pacer()
+        server_nursery.start_soon(pacer.serve)
+        agent = make_agent(settings, pacer=pacer)
+        registry = RunRegistry(
+            server_nursery,
+            store,
+            agent,
+            save_timeout_s=settings.save_timeout_s,
+            max_queued_runs=settings.max_queued_runs,
+            max_run_events=settings.max_run_events,
+        )
+        recovered = await store.recover_interrupted()
+        if recovered:
+            log.warning("store.recovered_interrupted_answers", count=recovered)
+        server_nursery.start_soon(registry.serve_checkpoints, settings.checkpoint_s)
+        server_nursery.start_soon(registry.serve_revocations, REVOCATION_POLL_S)
+        services = Services(settings, registry, pacer, health=self.health)
+        scope["state"][STATE_KEY] = services
+        self.services = services
+        server_nursery.start_soon(self._drain_on_request, registry)
+        if self._watch_signals:
+            server_nursery.start_soon(self._begin_shutdown_on_signal)
+        log.info("server.started", store=settings.store, agent=settings.agent, auth=settings.auth)
+        return registry
+
+    async def _supervisor_failed(self, error: Exception, receive: Receive, send: Send, *, stopping: bool) -> None:
+        """The server nursery is gone (its store closed with it): no run can start or end
+        properly any more. Say so on ``/healthz``, close the WebSockets (1011), and have
+        the process exit non-zero: ``navi-trio serve`` watches :attr:`failed`; under
+        hypercorn's own CLI, failing the lifespan is the only way to end the worker."""
+        self.failure = f"The run supervisor failed: {_describe(error)}"
+        log.error("server.supervisor_failed", error=_describe(error), exc_info=error)
+        if self.services is not None:
+            self.services.registry.close_all_followers(CLOSE_INTERNAL_ERROR, "Server error")
+        self.failed.set()
+        if self._watch_signals:
+            await send({"type": "lifespan.shutdown.failed", "message": self.failure})
             return
-        log.info("server.stopped")
+        if not stopping:
+            await receive()  # lifespan.shutdown, once the host has stopped serving
         await send({"type": "lifespan.shutdown.complete"})
+
+    def health(self) -> str | None:
+        """Why the server cannot serve (``/healthz`` answers 503 with it), or None."""
+        return self.failure
 
     def begin_shutdown(self) -> None:
         """Start draining (called by the shutdown trigger before hypercorn stops accepting)."""
@@ -201,6 +257,24 @@ class NaviApp:
             pacer=services.pacer,
         )
         return conn, _first(query, "run_id"), _int_or_none(_first(query, "after"))
+
+
+def _first_error(group: BaseExceptionGroup[Exception]) -> Exception:
+    """The first exception in ``group``, out of any nested groups (a ``StoreError`` in the
+    server nursery arrives wrapped; its message is what the operator needs)."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    assert isinstance(error, Exception)
+    return error
+
+
+def _describe(error: Exception) -> str:
+    """The operator's one line for ``error``: our own errors say it all; others get a type."""
+    text = str(error)
+    if isinstance(error, (NaviError, ValueError)) and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _first(query: dict[str, list[str]], key: str) -> str | None:

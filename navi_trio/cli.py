@@ -10,6 +10,7 @@ from functools import partial
 
 import trio
 
+from . import __version__
 from .auth import ROLES, User, hash_token, new_token, valid_user_name
 from .errors import StoreError
 from .logs import configure_logging
@@ -17,14 +18,24 @@ from .settings import Settings
 from .store.base import utc_now
 from .store.sqlite import SqliteStore
 
+DATA_DIR_HELP = "where the database lives (NAVI_DATA_DIR, default ./navi-data)"
+
+
+def _data_dir_option(parser: argparse.ArgumentParser, *, inner: bool = False) -> None:
+    """``--data-dir`` on ``parser``. On a subcommand's own parser (``inner``) it does not
+    overwrite a value given before the subcommand, so ``users --data-dir D add NAME`` and
+    ``users add NAME --data-dir D`` mean the same."""
+    parser.add_argument("--data-dir", help=DATA_DIR_HELP, default=argparse.SUPPRESS if inner else None)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="navi-trio", description="Streaming LLM-agent chat backend on Trio.")
+    parser.add_argument("--version", action="version", version=f"navi-trio {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the app with hypercorn's trio worker")
     serve.add_argument("--host", help="bind address (NAVI_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port, 0 for any free one (NAVI_PORT, default 8000)")
-    serve.add_argument("--data-dir", help="where the database lives (NAVI_DATA_DIR, default ./navi-data)")
+    _data_dir_option(serve)
     serve.add_argument("--agent", help="agent to run (NAVI_AGENT, default scripted)")
     serve.add_argument("--auth", choices=["optional", "required"], help="auth mode (NAVI_AUTH)")
     serve.add_argument("--store", choices=["sqlite", "memory"], help="store backend (NAVI_STORE, default sqlite)")
@@ -35,14 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log", help="hypercorn access log: '-' for stderr or a file (NAVI_ACCESS_LOG)")
 
     users = sub.add_parser("users", help="manage users and their tokens")
-    users.add_argument("--data-dir", help="where the database lives (NAVI_DATA_DIR, default ./navi-data)")
+    _data_dir_option(users)
     users_sub = users.add_subparsers(dest="users_command", required=True)
     add = users_sub.add_parser("add", help="add a user and print their token (shown once)")
     add.add_argument("name")
     add.add_argument("--role", choices=list(ROLES), default="user")
-    users_sub.add_parser("list", help="list users (never tokens)")
+    list_ = users_sub.add_parser("list", help="list users (never tokens)")
     revoke = users_sub.add_parser("revoke", help="revoke a user: their tokens stop working, connections close")
     revoke.add_argument("name")
+    for users_parser in (add, list_, revoke):
+        _data_dir_option(users_parser, inner=True)
     return parser
 
 
@@ -52,6 +65,8 @@ async def _users(args: argparse.Namespace, settings: Settings) -> int:
     A running server sees the change at once: it reads tokens from the database on every
     request, and closes a revoked user's connections within a second.
     """
+    # Which database: a token made in another directory than the server's would never work.
+    print(f"navi-trio: data dir {settings.data_dir.resolve()}", file=sys.stderr)
     async with await SqliteStore.open(settings.data_dir / "navi.sqlite3") as store:
         if args.users_command == "add":
             if not valid_user_name(args.name):

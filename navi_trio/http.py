@@ -22,6 +22,8 @@ from .errors import StoreError
 from .store import find_session
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .asgi_types import Receive, Scope, Send
     from .runs import RunRegistry
     from .settings import Settings
@@ -78,10 +80,19 @@ async def read_body(receive: Receive, limit: int, too_large: str | None = None) 
 
 
 class HttpApi:
-    def __init__(self, registry: RunRegistry, store: Store, settings: Settings) -> None:
+    def __init__(
+        self,
+        registry: RunRegistry,
+        store: Store,
+        settings: Settings,
+        *,
+        health: Callable[[], str | None] = lambda: None,
+    ) -> None:
         self.registry = registry
         self.store = store
         self.settings = settings
+        #: Why the server cannot serve (``/healthz`` answers 503 with it), or None.
+        self.health = health
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -119,6 +130,9 @@ class HttpApi:
     ) -> tuple[int, Any]:
         if name == "healthz":
             if method == "GET":
+                problem = self.health()
+                if problem is not None:
+                    raise HTTPError(503, problem)
                 return 200, {"status": "ok"}
             raise HTTPError(405, "Method Not Allowed")
         user = await self._caller(scope)

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit
 
 import httpx
@@ -129,14 +130,21 @@ class ServerProcess:
 
 @asynccontextmanager
 async def spawn(
-    cmd: Sequence[str], env: dict[str, str], cwd: Path, ready: re.Pattern[bytes] = NAVI_URL
+    cmd: Sequence[str],
+    env: dict[str, str],
+    cwd: Path,
+    ready: re.Pattern[bytes] = NAVI_URL,
+    *,
+    stderr: int | IO[bytes] = subprocess.PIPE,
 ) -> AsyncIterator[ServerProcess]:
-    """Start ``cmd``; on exit make sure its whole process group is gone, pipes closed."""
+    """Start ``cmd``; on exit make sure its whole process group is gone, pipes closed.
+
+    ``stderr`` is a pipe whose output is collected, unless given (a file, ``/dev/full``)."""
     proc = await trio.lowlevel.open_process(
         list(cmd),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         env=env,
         cwd=cwd,
         start_new_session=True,
@@ -145,7 +153,8 @@ async def spawn(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.pump, proc.stdout, server.stdout)
-            nursery.start_soon(server.pump, proc.stderr, server.stderr)
+            if proc.stderr is not None:
+                nursery.start_soon(server.pump, proc.stderr, server.stderr)
             try:
                 yield server
             finally:

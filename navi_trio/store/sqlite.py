@@ -12,6 +12,7 @@ abandoned call still holds the limiter until it finishes, so nothing overlaps.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -131,8 +132,10 @@ class SqliteStore:
 
         try:
             conn = await trio.to_thread.run_sync(_open)
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        except (sqlite3.Error, OSError, StoreError) as exc:
+            read_only = path.parent.is_dir() and not os.access(path.parent, os.W_OK)
+            hint = f" ({path.parent} is read-only)" if read_only else ""
+            raise StoreError(f"cannot open database {path}: {exc}{hint}") from exc
         return cls(conn, path)
 
     async def _call(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
