@@ -2,10 +2,10 @@
 venv := ".venv"
 py := venv / "bin/python"
 
-# create the venv and install the package with test and lint extras
+# create the venv and install the package with test, lint and dev extras
 install:
     test -x {{py}} || python3 -m venv {{venv}}
-    {{py}} -m pip install -q -e '.[test,lint]'
+    {{py}} -m pip install -q -e '.[test,lint,dev]'
 
 # serve on 127.0.0.1:8000 (any flag of `navi-trio serve` can follow)
 serve *ARGS: install
@@ -22,7 +22,7 @@ lint: install
     {{venv}}/bin/flake8-async $(find navi_trio -name "*.py")
     {{venv}}/bin/mypy
 
-# compare navi-trio with the seed's asyncio baseline (../shared/bench/compare.py)
+# compare navi-trio with the seed's asyncio baseline (bench/harness/compare.py; --reps 1 for a quick look)
 bench *ARGS: install
     {{py}} bench/compare.py {{ARGS}}
 

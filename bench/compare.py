@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run the shared benchmark (``../shared/bench/compare.py``) against this checkout.
+"""Run the benchmark harness (``bench/harness/compare.py``) against this checkout.
 
 It interleaves the seed's asyncio baseline (uvicorn) and navi-trio, each on a fresh
 server process, and prints each scenario's ratio navi-trio / baseline (lower is better).
@@ -14,7 +14,6 @@ with the SQLite store in a fresh temporary data directory.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_BENCH = Path(os.environ.get("NAVI_SHARED_BENCH", ROOT.parent / "shared" / "bench"))
+#: The benchmark harness: load generator, scenario matrix and the seed's asyncio baseline.
+HARNESS = ROOT / "bench" / "harness"
 BENCH_VENV = ROOT / ".venv-bench"
 BASELINE_DEPS = ["fastapi", "uvicorn[standard]", "websockets", "httpx"]
 
@@ -36,10 +36,7 @@ def baseline_python() -> Path:
 
 
 def main() -> int:
-    compare = SHARED_BENCH / "compare.py"
-    if not compare.exists():
-        print(f"bench: {compare} not found (set NAVI_SHARED_BENCH)", file=sys.stderr)
-        return 2
+    compare = HARNESS / "compare.py"
     navi = Path(sys.executable).parent / "navi-trio"
     data = Path(tempfile.mkdtemp(prefix="navi-bench-"))
     server_cmd = f"{navi} serve --host 127.0.0.1 --port {{port}} --data-dir {data}/{{port}} --log-level warning"
@@ -47,7 +44,7 @@ def main() -> int:
     try:
         return subprocess.run(
             [str(py), str(compare), "--server-cmd", server_cmd, "--cwd", str(ROOT), *sys.argv[1:]],
-            cwd=SHARED_BENCH,
+            cwd=HARNESS,
         ).returncode
     finally:
         shutil.rmtree(data, ignore_errors=True)

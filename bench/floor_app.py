@@ -5,7 +5,7 @@ event log, no seq, no grammar, no subscribers, no heartbeat, no auth).
     python bench/compare.py --only 6_c200_paced \\
         --server-cmd '{python} -m hypercorn --worker-class trio --bind 127.0.0.1:{port} bench.floor_app:app'
 
-It implements just what ``../shared/bench/loadgen.py`` uses in stream and stop-latency
+It implements just what ``bench/harness/loadgen.py`` uses in stream and stop-latency
 modes: ``POST /sessions``, and on ``/ws/sessions/{id}``: ``session_sync``, then for a
 scripted message ``stream_start``, the deltas (paced with ``trio.sleep_until`` on a fixed
 schedule, stamped with the wall clock when asked) and ``stream_end``; or for a tool step,

@@ -10,7 +10,7 @@ start, session setup and connection costs cancel out) divided by the extra event
 
     python bench/per_event_cpu.py --reps 3
 
-Uses ``../shared/bench/loadgen.py`` with the baseline's venv (``.venv-bench``, made by
+Uses ``bench/harness/loadgen.py`` with the baseline's venv (``.venv-bench``, made by
 ``bench/compare.py``); servers pinned to CPU 0, the load generator to CPU 1. Loopback only.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -31,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import baseline_python
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_BENCH = Path(os.environ.get("NAVI_SHARED_BENCH", ROOT.parent / "shared" / "bench"))
+#: The benchmark harness: load generator, scenario matrix and the seed's asyncio baseline.
+HARNESS = ROOT / "bench" / "harness"
 BENCH_PY = baseline_python()  # .venv-bench, as bench/compare.py makes it
 
 
@@ -44,7 +44,7 @@ def free_port() -> int:
 def command(kind: str, port: int, data: str) -> tuple[list[str], Path]:
     if kind == "baseline":
         cmd = [str(BENCH_PY), "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port)]
-        return [*cmd, "--log-level", "warning"], SHARED_BENCH / "seed_baseline"
+        return [*cmd, "--log-level", "warning"], HARNESS / "seed_baseline"
     if kind == "floor":
         cmd = [sys.executable, "-m", "hypercorn", "--worker-class", "trio", "--bind", f"127.0.0.1:{port}"]
         return [*cmd, "bench.floor_app:app"], ROOT
@@ -77,7 +77,7 @@ def cpu_s(kind: str, sessions: int, deltas: int) -> float:
                 except OSError:
                     time.sleep(0.05)
             time.sleep(0.3)  # hypercorn's worker process comes up after the port
-            load = [str(BENCH_PY), str(SHARED_BENCH / "loadgen.py"), "--base", f"http://127.0.0.1:{port}"]
+            load = [str(BENCH_PY), str(HARNESS / "loadgen.py"), "--base", f"http://127.0.0.1:{port}"]
             load += ["--server-pid", str(server_pid(proc)), "--sessions", str(sessions), "--deltas", str(deltas)]
             load += ["--delay", "0.02", "--stamp"]
             out = subprocess.run(["taskset", "-c", "1", *load], capture_output=True, text=True, timeout=300, check=True)

@@ -5,7 +5,7 @@ blocked in a worker thread, next to the seed baseline's stop of its (asyncio) to
 Issue 6 asks stop latency p99 <= 1.0 x the seed "also with a thread tool". The seed's
 scripted agent has no thread tools (it ignores ``"thread"``), so its figure is the stop of
 a plain sleeping tool: the best case of the design it replaces. navi-trio is measured
-with both tools. Like ``../shared/bench/loadgen.py --stop-latency``: a run starts a 30 s
+with both tools. Like ``bench/harness/loadgen.py --stop-latency``: a run starts a 30 s
 tool, the client waits for ``tool_started``, then times ``POST /sessions/{id}/stop`` until
 ``stream_stopped`` arrives on the socket. Servers are fresh processes, interleaved, pinned
 to CPU 0; this client runs on CPU 1. Medians of ``--reps`` of p50/p99 over ``--repeat``
@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import baseline_python
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_BENCH = Path(os.environ.get("NAVI_SHARED_BENCH", ROOT.parent / "shared" / "bench"))
+#: The benchmark harness: load generator, scenario matrix and the seed's asyncio baseline.
+HARNESS = ROOT / "bench" / "harness"
 
 
 def free_port() -> int:
@@ -57,7 +58,7 @@ def server_cmd(kind: str, port: int, data: Path) -> tuple[list[str], Path]:
         return [*pin, str(navi), "serve", "--port", str(port), "--data-dir", str(data), "--log-level", "warning"], ROOT
     py = baseline_python()  # .venv-bench, as bench/compare.py makes it
     cmd = [*pin, str(py), "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port)]
-    return [*cmd, "--log-level", "warning"], SHARED_BENCH / "seed_baseline"
+    return [*cmd, "--log-level", "warning"], HARNESS / "seed_baseline"
 
 
 async def measure(port: int, thread: bool, repeat: int) -> list[float]:
