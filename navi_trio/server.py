@@ -153,7 +153,9 @@ async def serve(
                     name = signal.Signals(signum).name
                     if not first_signal.is_set():
                         log.info("server.signal", signal=name)
-                        _say(out, f"navi-trio: {name}: shutting down gracefully; {name} again exits at once")
+                        again = "Ctrl-C" if signum == signal.SIGINT else name
+                        grace = f"active runs get up to {settings.grace_s:g} s"
+                        _say(out, f"navi-trio: {name}: shutting down ({grace}); {again} again exits at once")
                         first_signal.set()
                     else:
                         log.warning("server.exit_now", signal=name)

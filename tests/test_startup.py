@@ -155,7 +155,7 @@ async def test_serve_says_its_data_dir_listens_once_and_how_to_exit_at_once(tmp_
             assert await srv.wait_exit(10) == 0, srv.output
     assert f"navi-trio: data dir {data.resolve()}" in srv.stdout.decode()
     assert srv.output.count(url) == 1, srv.output  # hypercorn's own "Running on" is not repeated
-    assert "SIGINT again exits at once" in srv.stdout.decode(), srv.output
+    assert "Ctrl-C again exits at once" in srv.stdout.decode(), srv.output
 
 
 async def test_access_log_dash_goes_to_stderr_as_help_says(tmp_path: Path) -> None:
