@@ -7,6 +7,8 @@ with ``EPIPE`` / ``ENOSPC``, and runs, requests and health must not notice.
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -16,10 +18,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from navi_trio.logs import SafePrintLogger, dropped_lines
+from navi_trio.logs import SafePrintLogger, dropped_lines, guard_stdlib_logger
 
 from .helpers import assert_grammar, script, text_of
 from .test_cli import STARTUP_S, ServerProcess, clean_env, http_client, navi_serve, spawn, ws_connect
+
+
+def serve_cmd(tmp_path: Path) -> list[str]:
+    """``navi-trio serve`` with hypercorn's access log on stderr too (``-``)."""
+    return navi_serve(tmp_path / "data", "--access-log", "-")
 
 
 @asynccontextmanager
@@ -27,7 +34,7 @@ async def closed_pipe_stderr(tmp_path: Path) -> AsyncIterator[ServerProcess]:
     """A server whose stderr pipe loses its reader once the server is listening."""
     read_end, write_end = os.pipe()
     try:
-        async with spawn(navi_serve(tmp_path / "data"), clean_env(), tmp_path, stderr=write_end) as srv:
+        async with spawn(serve_cmd(tmp_path), clean_env(), tmp_path, stderr=write_end) as srv:
             os.close(write_end)
             write_end = -1
             await srv.wait_listening()
@@ -45,7 +52,7 @@ async def full_disk_stderr(tmp_path: Path) -> AsyncIterator[ServerProcess]:
     """A server whose stderr is ``/dev/full``: every write fails with ENOSPC, from the start."""
     full = os.open("/dev/full", os.O_WRONLY)
     try:
-        async with spawn(navi_serve(tmp_path / "data"), clean_env(), tmp_path, stderr=full) as srv:
+        async with spawn(serve_cmd(tmp_path), clean_env(), tmp_path, stderr=full) as srv:
             await srv.wait_listening()
             yield srv
     finally:
@@ -105,3 +112,22 @@ def test_a_line_that_cannot_be_written_is_dropped_and_counted(tmp_path: Path) ->
         with suppress(OSError):
             full.close()
     assert dropped_lines() == before + 3
+
+
+def test_hypercorn_handlers_drop_and_count_what_they_cannot_write(capsys: pytest.CaptureFixture[str]) -> None:
+    """hypercorn's error and access logs are stdlib handlers; their lines are dropped and
+    counted too, instead of a "--- Logging error ---" traceback per line on stderr."""
+    logger = logging.getLogger("navi-test.broken-handler")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        guard_stdlib_logger(logger)
+        stream.close()  # a write now fails
+        before = dropped_lines()
+        logger.warning("dropped")
+        assert dropped_lines() == before + 1
+        assert "Logging error" not in capsys.readouterr().err
+    finally:
+        logger.removeHandler(handler)
