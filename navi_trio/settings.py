@@ -103,8 +103,12 @@ class Settings:
             raise ValueError(f"auth must be 'optional' or 'required', not {self.auth!r}")
         if self.store not in ("sqlite", "memory"):
             raise ValueError(f"store must be 'sqlite' or 'memory', not {self.store!r}")
-        if self.agent not in ("scripted", "openai"):
-            raise ValueError(f"unknown agent {self.agent!r} (available: scripted, openai)")
+        if ":" in self.agent:  # a user's agent, module:factory: fail at startup if it cannot load
+            from .agents import load_factory
+
+            load_factory(self.agent)
+        elif self.agent not in ("scripted", "openai"):
+            raise ValueError(f"unknown agent {self.agent!r} (available: scripted, openai, or module:factory)")
         if self.agent == "openai" and not self.openai_base_url:
             raise ValueError("--agent openai needs NAVI_OPENAI_BASE_URL")
         if not 0 <= self.port < 65536:
