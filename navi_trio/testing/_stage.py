@@ -166,11 +166,12 @@ class Stage:
         elif path == "store_fault":
             self.store.failing = True
 
-    async def serve(self) -> None:
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The server's background work for the case: checkpoints, and a drain when the
         shutdown cut asks for one. Runs until the stage's nursery is cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.registry.serve_checkpoints, CHECKPOINT_S)
+            task_status.started()
             await self._drain.wait()
             await self.registry.drain(0.0)
 
@@ -225,7 +226,7 @@ async def open_stage(agent: Agent, save_timeout_s: float) -> AsyncIterator[Stage
     async with trio.open_nursery() as nursery:
         stage = Stage(nursery, agent, save_timeout_s)
         await stage.open_session()
-        nursery.start_soon(stage.serve, name="navi_trio.testing:stage")
+        await nursery.start(stage.serve, name="navi_trio.testing:stage")
         try:
             yield stage
         finally:
