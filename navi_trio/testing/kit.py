@@ -271,6 +271,7 @@ class _Kit:
                 continue
             try:
                 check_grammar([(f["type"], f.get("seq")) for f in objs])
+                check_pairs(objs)
             except GrammarError as exc:
                 o.violate("grammar", f"{where}: {exc}")
         for refused in w.refused:
@@ -366,6 +367,33 @@ class _Kit:
             names = ", ".join(sorted(t.name for t in left)[:3])
             o.violate("tasks", f"{len(left)} tasks left running after the run ended: {names}")
         return bool(left)
+
+
+def check_pairs(objs: Sequence[dict[str, Any]]) -> None:
+    """The parts of the grammar ``check_grammar`` leaves out: every ``tool_started`` gets
+    its ``tool_call`` (a sub-agent's nested inside) and thinking is closed by
+    ``thinking_end`` before anything else, both before the terminal event."""
+    tools: list[str] = []
+    thinking = False
+    for i, f in enumerate(objs):
+        kind = f["type"]
+        if thinking and kind not in ("thinking_delta", "thinking_end"):
+            raise GrammarError(f"event {i} ({kind}) while thinking is open")
+        if tools and kind not in ("tool_call", "tool_started", *TERMINAL_TYPES):
+            raise GrammarError(f"event {i} ({kind}) while tool {tools[-1]!r} runs")
+        if kind == "thinking_delta":
+            thinking = True
+        elif kind == "thinking_end":
+            thinking = False
+        elif kind == "tool_started":
+            if tools and not f.get("is_subagent"):
+                raise GrammarError(f"event {i}: tool {f.get('tool')!r} started while {tools[-1]!r} runs")
+            tools.append(str(f.get("tool")))
+        elif kind == "tool_call":
+            if not tools or tools.pop() != f.get("tool"):
+                raise GrammarError(f"event {i}: tool_call for {f.get('tool')!r}, which is not running")
+        elif kind in TERMINAL_TYPES and tools:
+            raise GrammarError(f"the run ended with tool {tools[-1]!r} still running")
 
 
 class _Outcome:
