@@ -250,7 +250,7 @@ async def test_server_store_fault_at_every_event(tmp_path: Path) -> None:
                 with trio.fail_after(10):
                     answers = await saved_answers(server, sid)
                     while answers == [] or answers[0]["status"] == "running":  # bounded: fail_after
-                        await trio.sleep(0.05)  # noqa: ASYNC110 (the retry is the server's, on its own timer)
+                        await trio.sleep(0.05)  # the retry is the server's, on its own timer
                         answers = await saved_answers(server, sid)
                 check_delivered_and_saved(events, answers[0])
         assert errors >= 3  # the fault landed mid-run, not only after the end
