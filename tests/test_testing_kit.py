@@ -411,7 +411,7 @@ async def test_the_openai_agent_passes_with_the_fake_model(
     fake.fallback = stream(
         reasoning("hmm "), reasoning("ok"), content("Hello "), content("world"), finish("stop"), delay=0.01
     )
-    report = await check_agent(openai(fake), "hi", model=fake, max_cuts=12)
+    report = await check_agent(openai(fake), "hi", model=fake, max_cuts=5)
     report.raise_for_violations()
     assert report.events >= 4
 
@@ -428,7 +428,7 @@ async def test_the_openai_agent_with_a_tool_and_the_delegate_sub_agent_passes(
         return text_reply("It is ", "42.", delay=0.01)
 
     fake.fallback = reply
-    report = await check_agent(openai(fake), "what is 6*7?", model=fake, max_cuts=10)
+    report = await check_agent(openai(fake), "what is 6*7?", model=fake, max_cuts=5)
     report.raise_for_violations()
     assert report.events >= 6  # two tools (one a nested turn's) and the text after them
 

@@ -162,3 +162,15 @@ async def test_the_fake_model_fixture_serves_a_scripted_reply(fake_model: FakeOp
     async with httpx.AsyncClient(base_url=fake_model.base_url, trust_env=False) as client:
         r = await client.post("/chat/completions", json={"model": "m", "messages": [], "stream": True})
     assert "hi " in r.text and json.loads(fake_model.requests[0].body)["model"] == "m"
+
+
+async def test_the_readme_example_runs_and_passes(autojump_clock: trio.testing.MockClock) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Your own agent") :]
+    code = section[section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)]
+    assert len(code.strip().splitlines()) <= 12  # "in ten lines", give or take the imports
+    namespace: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    test = namespace["test_echo_is_cancellation_correct"]
+    assert callable(test)
+    await test(autojump_clock)

@@ -1,4 +1,9 @@
-"""The agent interface: an agent gets an explicit :class:`RunContext` and emits through it."""
+"""The agent interface: an agent gets an explicit :class:`RunContext` and emits through it.
+
+Public as ``navi_trio.Agent`` and ``navi_trio.RunContext``; served with ``--agent
+module:factory``; written about for agent authors in docs/agents.md, and checked by
+``navi_trio.testing.check_agent``.
+"""
 
 from __future__ import annotations
 
@@ -66,17 +71,21 @@ class RunContext(Protocol):
 
 
 class Agent(Protocol):
-    """An agent. It may also have ``check_message(user_message: str) -> None``, called
-    before a run starts for a message: raise
-    :class:`~navi_trio.errors.BadClientMessage` to refuse it with that text (the scripted
-    agent refuses scripts over its bounds there), and no run starts."""
+    """Anything with ``async def play(self, ctx)``: no base class to inherit. An agent that
+    wants ``ctx.history`` and ``ctx.summary`` loaded sets ``wants_history = True``. It may
+    also have ``check_message(user_message: str) -> None``, called before a run starts for
+    a message: raise :class:`~navi_trio.errors.BadClientMessage` to refuse it with that
+    text (the scripted agent refuses scripts over its bounds there), and no run starts."""
 
     async def play(self, ctx: RunContext) -> None:
         """Produce one answer through ``ctx``.
 
         Cancellation: a stop cancels this call at its next checkpoint; the run closes what
         was left open (a running tool, open thinking) and writes the terminal event, so an
-        agent needs no cleanup of its own for the protocol's sake.
+        agent needs no cleanup of its own for the protocol's sake. It must let
+        ``Cancelled`` through, keep shielded waits within the stop budget, start tasks only
+        in nurseries it opens, and close the streams it opens (``async with``); a worker
+        thread is started with ``abandon_on_cancel=True``.
 
         Error handling: raise :class:`~navi_trio.errors.AgentError` for a failure whose
         message the user should see; any other exception becomes a generic ``error``.

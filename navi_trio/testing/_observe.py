@@ -59,6 +59,8 @@ class CaseWatch:
         self.stage: Stage | None = None
         self.run_task: trio.lowlevel.Task | None = None
         self.playing = False
+        #: The agent's ``play`` ended by raising ``Cancelled`` (it was stopped).
+        self.play_cancelled = False
         self.steps = 0
         self.emits = 0
         self.cut_applied = False
@@ -197,6 +199,9 @@ class ObservedAgent:
         case.playing = True
         try:
             await self.agent.play(RecordingContext(ctx, case))
+        except trio.Cancelled:
+            case.play_cancelled = True
+            raise
         finally:
             case.playing = False
 

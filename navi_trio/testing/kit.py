@@ -331,7 +331,9 @@ class _Kit:
             o.violate(
                 "stop_budget", f"the terminal event came {late:.3g} s after the cut (budget {self.stop_budget_s:g} s)"
             )
-        if w.playing_at_cancel and o.terminal == "stream_end" and w.after_cut:
+        if o.terminal == "stream_end" and w.play_cancelled:
+            o.violate("honoured", "the agent was cancelled, yet the run ended complete")
+        elif w.playing_at_cancel and o.terminal == "stream_end" and w.after_cut:
             o.violate("honoured", "the run was cut but ended complete: the agent caught the cancel and went on")
         reason = term.obj.get("reason") if term is not None else None
         if o.terminal == "stream_stopped" and w.path in REASON_FOR and reason != REASON_FOR[w.path]:
