@@ -295,7 +295,10 @@ def check_everything(s: Session) -> None:
             after, frames = tab.seen[run.id]
             seqs = [f["seq"] for f in frames]
             assert seqs == sorted(set(seqs)), (tab.name, seqs)  # no duplicate, in order
-            assert all(q > after for q in seqs), (tab.name, after, seqs)
+            # A resume starts with stream_start (its seq 1), then only the events after `after`.
+            later = [f["seq"] for f in frames if f["type"] != "stream_start"]
+            assert all(q > after for q in later), (tab.name, after, seqs)
+            assert [f["type"] for f in frames].count("stream_start") <= 1
             got = "".join(f["delta"] for f in frames if f["type"] == "stream_delta")
             upto = seqs[-1] if seqs else after
             want_text = "".join(e["delta"] for e in log if e["type"] == "stream_delta" and after < e["seq"] <= upto)

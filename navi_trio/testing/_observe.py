@@ -187,6 +187,9 @@ class ObservedAgent:
         self.agent = agent
         self.case = case
         self.wants_history = getattr(agent, "wants_history", False)
+        check = getattr(agent, "check_message", None)
+        if check is not None:  # the engine asks the agent before a run starts
+            self.check_message = check
 
     async def play(self, ctx: RunContext) -> None:
         """Cancellation: as the wrapped agent's ``play``."""
