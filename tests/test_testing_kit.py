@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gc
 import json
+import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -179,6 +181,25 @@ async def test_an_agent_that_shields_a_long_sleep_misses_the_stop_budget(
     report = await check_agent(ShieldsLongSleep(), "hi", paths=["stop", "shutdown"])
     assert "stop_budget" in checks_failed(report)
     assert report.abandoned == 0  # 10 s < the deadline: it ended, late
+
+
+async def test_a_worker_thread_the_stop_does_not_abandon_misses_the_stop_budget() -> None:
+    # Real clock: a worker thread makes virtual time leap (STYLE 4.5).
+    class WaitsForItsThread:
+        def __init__(self, abandon: bool) -> None:
+            self.abandon = abandon
+
+        async def play(self, ctx: navi_trio.RunContext) -> None:
+            ctx.emit_tool_started("slow", {})
+            await trio.to_thread.run_sync(time.sleep, 0.3, abandon_on_cancel=self.abandon)
+            ctx.emit_tool_call("done", success=True)
+
+    report = await check_agent(WaitsForItsThread(False), "hi", paths=["stop"], stop_budget_s=0.1)
+    assert "stop_budget" in checks_failed(report)  # (its emit once the thread is back: after_cut too)
+    # Abandoned on cancel, as the scripted agent's thread tools are: in time.
+    (
+        await check_agent(WaitsForItsThread(True), "hi", paths=["stop"], stop_budget_s=0.1, max_cuts=1)
+    ).raise_for_violations()
 
 
 async def test_an_agent_blocked_where_no_stop_reaches_is_reported_not_waited_for(
@@ -489,6 +510,41 @@ async def test_the_task_tree_walk_finds_tasks_and_their_ancestry() -> None:
         assert descends_from(inner_task[0], parent_task)
         assert not descends_from(parent_task, inner_task[0])
         outer.cancel_scope.cancel()
+
+
+async def test_an_after_task_step_hook_sees_the_effective_deadline_of_the_task_that_yielded() -> None:
+    """The kit tells a yield that delivers ``Cancelled`` from one in a shielded section by
+    calling ``trio.current_effective_deadline()`` in ``after_task_step``: it must be the
+    stepping task's. If trio ever runs hooks outside the task, this fails (and the kit
+    would then treat every yield after a cut as delivering the cancel)."""
+    seen: dict[str, list[float]] = {"cancelled": [], "shielded": []}
+
+    class Peek(trio.abc.Instrument):
+        def after_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task.name in seen and not seen[task.name]:  # its first yield (not its exit)
+                seen[task.name].append(trio.current_effective_deadline())
+
+    async def cancelled() -> None:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await trio.sleep_forever()
+
+    async def shielded() -> None:
+        with trio.CancelScope() as outer:
+            outer.cancel()
+            with trio.CancelScope(shield=True):
+                await trio.lowlevel.cancel_shielded_checkpoint()
+
+    peek = Peek()
+    trio.lowlevel.add_instrument(peek)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancelled, name="cancelled")
+            nursery.start_soon(shielded, name="shielded")
+    finally:
+        trio.lowlevel.remove_instrument(peek)
+    assert seen["cancelled"][0] == -math.inf
+    assert seen["shielded"][0] == math.inf
 
 
 def test_the_watcher_is_a_trio_instrument() -> None:
