@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import binascii
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import attrs
 import orjson
@@ -46,6 +46,7 @@ log = structlog.get_logger("navi_trio.protocol_routes")
 #: The route names :class:`~navi_trio.http.HttpApi` hands to :meth:`ProtocolRoutes.serve`.
 ROUTE_NAMES: Final = frozenset({"ai_chat", "ai_chat_stream", "ag_ui"})
 MB: Final = 1024 * 1024
+T = TypeVar("T")
 
 
 class Translator(Protocol):
@@ -192,6 +193,14 @@ class SseStream:
                 return
 
 
+def _parsed(parse: Callable[[Any], T], body: Any) -> T:
+    """A protocol's request parsed; what it refuses is a ``422`` naming why."""
+    try:
+        return parse(body)
+    except BadClientMessage as exc:
+        raise HTTPError(422, str(exc)) from None
+
+
 @attrs.frozen
 class _Attachment:
     name: str
@@ -221,7 +230,7 @@ class ProtocolRoutes:
         served, or ``(status, body)`` for HttpApi to send; raises :class:`HTTPError`
         (and the auth errors) before anything is sent."""
         if name == "ai_chat" and method == "POST":
-            req = ai_sdk.parse_chat_body(await self._json(receive))
+            req = _parsed(ai_sdk.parse_chat_body, await self._json(receive))
             session = await self._session(req.session_id, user, create=True)
             run = await self._start(session, user, req.text, req.images, await self._attachments(req.files))
             await SseStream(send, receive, ai_sdk.UIMessageStream(run.answer_id), **self._stream_args(sse.DONE)).serve(
@@ -237,7 +246,7 @@ class ProtocolRoutes:
             await stream.serve(active, ai_sdk.HEADERS, self.pacer)
             return STREAMED, None
         if name == "ag_ui" and method == "POST":
-            inp = ag_ui.parse_run_input(await self._json(receive))
+            inp = _parsed(ag_ui.parse_run_input, await self._json(receive))
             session = await self._session(inp.thread_id, user, create=True)
             run = await self._start(session, user, inp.text, inp.images, [])
             translator = ag_ui.AgUiStream(inp.thread_id, inp.run_id)
