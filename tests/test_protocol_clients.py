@@ -317,3 +317,25 @@ async def test_a_run_already_active_is_refused(server: Server, js: str) -> None:
         assert "Agent is already running for this session." in out.get("error", ""), out
         await ws.send({"type": "stop"})
         assert (await ws.until_terminal())[-1]["type"] == "stream_stopped"
+
+
+# -- the docs' examples ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("js", "said", "logged"),
+    [
+        ("example-ai-sdk.mjs", "hello from the AI SDK", ""),
+        ("example-ag-ui.mjs", "hello from AG-UI", "[run finished: success]"),
+    ],
+)
+async def test_the_docs_examples_run(server: Server, js: str, said: str, logged: str) -> None:
+    node_bin = shutil.which("node")
+    assert node_bin is not None
+    with trio.fail_after(NODE_S):
+        done = await trio.run_process(
+            [node_bin, str(JS / js), server.base], capture_stdout=True, capture_stderr=True, check=False
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip().split("\r")[-1] == said
+    assert logged in done.stderr.decode()
