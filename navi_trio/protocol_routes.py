@@ -233,29 +233,44 @@ class ProtocolRoutes:
             req = _parsed(ai_sdk.parse_chat_body, await self._json(receive))
             session = await self._session(req.session_id, user, create=True)
             run = await self._start(session, user, req.text, req.images, await self._attachments(req.files))
-            await SseStream(send, receive, ai_sdk.UIMessageStream(run.answer_id), **self._stream_args(sse.DONE)).serve(
-                run, ai_sdk.HEADERS, self.pacer
-            )
-            return STREAMED, None
+            chunks = ai_sdk.UIMessageStream(run.answer_id)
+            return await self._stream(run, chunks, sse.DONE, ai_sdk.HEADERS, send, receive)
         if name == "ai_chat_stream" and method == "GET" and sid is not None:
             await self._session(sid, user, create=False)
             active = await self.registry.current(sid)
             if active is None:
                 return 204, None
-            stream = SseStream(send, receive, ai_sdk.UIMessageStream(active.answer_id), **self._stream_args(sse.DONE))
-            await stream.serve(active, ai_sdk.HEADERS, self.pacer)
-            return STREAMED, None
+            resumed = ai_sdk.UIMessageStream(active.answer_id)
+            return await self._stream(active, resumed, sse.DONE, ai_sdk.HEADERS, send, receive)
         if name == "ag_ui" and method == "POST":
             inp = _parsed(ag_ui.parse_run_input, await self._json(receive))
             session = await self._session(inp.thread_id, user, create=True)
             run = await self._start(session, user, inp.text, inp.images, [])
-            translator = ag_ui.AgUiStream(inp.thread_id, inp.run_id)
-            await SseStream(send, receive, translator, **self._stream_args(b"")).serve(run, ag_ui.HEADERS, self.pacer)
-            return STREAMED, None
+            events = ag_ui.AgUiStream(inp.thread_id, inp.run_id)
+            return await self._stream(run, events, b"", ag_ui.HEADERS, send, receive)
         raise HTTPError(405, "Method Not Allowed")
 
-    def _stream_args(self, end: bytes) -> dict[str, Any]:
-        return {"heartbeat_s": self.settings.heartbeat_s, "outbox_size": self.settings.outbox_size, "end": end}
+    async def _stream(
+        self,
+        run: Run,
+        translator: Translator,
+        end: bytes,
+        headers: list[tuple[bytes, bytes]],
+        send: Send,
+        receive: Receive,
+    ) -> tuple[int, Any]:
+        """Serve ``run`` as an SSE response. Once the response has started nothing can be
+        turned into an error answer, so an unexpected error is logged and ends it there
+        (the run is not touched: it goes on and saves its answer)."""
+        settings = self.settings
+        stream = SseStream(
+            send, receive, translator, heartbeat_s=settings.heartbeat_s, outbox_size=settings.outbox_size, end=end
+        )
+        try:
+            await stream.serve(run, headers, self.pacer)
+        except Exception:
+            log.exception("sse.failed", run_id=run.id)
+        return STREAMED, None
 
     async def _json(self, receive: Receive) -> Any:
         limit = self.body_limit()
