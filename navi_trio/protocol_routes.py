@@ -358,6 +358,8 @@ class ProtocolRoutes:
             run = self.registry.submit(request, "reject")
         except RunAlreadyActive:
             raise HTTPError(409, ALREADY_RUNNING) from None
+        except BadClientMessage as exc:  # the agent refuses it (a script over its bounds)
+            raise HTTPError(422, str(exc)) from None
         except QueueFull as exc:
             raise HTTPError(409, str(exc)) from None
         except ShuttingDown as exc:

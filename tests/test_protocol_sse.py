@@ -243,6 +243,7 @@ async def test_resume(server: Server) -> None:
             422,
             "Message too long (100001 characters). Max 100000 allowed.",
         ),
+        ("POST", "/ag-ui", ag_body("c", script({"text": "x", "repeat": 10**9})), 422, "NAVI_SCRIPT_MAX_EVENTS"),
     ],
 )
 async def test_errors(server: Server, method: str, path: str, body: Any, status: int, detail: str) -> None:
