@@ -97,7 +97,7 @@ async def test_a_slow_reader_never_slows_the_run_and_gets_merged_text() -> None:
     for it, its outbox never holds more than its bound, and what it then reads is the
     whole answer, caught up from the run's log in fewer, merged deltas."""
     chunk, repeat = "x" * 4096, 3000  # 12 MB: more than the sockets' buffers hold
-    async with open_server() as server:
+    async with open_server(script_max_chars=len(chunk) * repeat) as server:
         size = server.app.settings.outbox_size
         async with sse(server, "POST", "/api/chat", chat_body("slow", script({"text": chunk, "repeat": repeat}))) as r:
             assert r.status_code == 200
