@@ -174,7 +174,12 @@ async def test_ai_sdk_client_that_goes_away(server: Server) -> None:
     assert (saved[1]["status"], saved[1]["content"]) == ("complete", SLOW_ANSWER)
 
 
-async def test_ai_sdk_file_parts(server: Server) -> None:
+async def test_ai_sdk_file_parts(tmp_path: Path) -> None:
+    async with open_server(data_dir=tmp_path) as server:
+        await _file_parts(server)
+
+
+async def _file_parts(server: Server) -> None:
     image = "data:image/png;base64,iVBORw0KGgo="
     note = "data:text/plain;base64," + "aGVsbG8gZmlsZQ=="  # "hello file"
     files = [
@@ -186,6 +191,9 @@ async def test_ai_sdk_file_parts(server: Server) -> None:
     saved = await history(server, "chat-files")
     assert saved[0]["content"] == "look"
     assert saved[1]["status"] == "complete"
+    # The demo agent echoes what it was given: the image and the upload's path reached it.
+    assert "1 image attached" in saved[1]["content"]
+    assert "uploads/chat-files/notes.txt" in saved[1]["content"]
     upload = server.app.settings.data_dir / "uploads" / "_anonymous" / "chat-files" / "notes.txt"
     assert upload.read_bytes() == b"hello file"
 
