@@ -7,6 +7,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -272,3 +273,35 @@ async def test_an_attachment_over_the_upload_limit_is_413() -> None:
         r = await server.http.post("/api/chat", json=chat_body("c", "x", part))
         assert r.status_code == 413
         assert r.json()["detail"] == "Upload too large (max 0.001 MB)"
+
+
+async def test_two_first_requests_for_one_new_id_make_one_session(tmp_path: Path) -> None:
+    """Both find no session and both create it: the database refuses the second, which
+    then finds the first one's session and is refused with 409 while its run is active."""
+    async with open_server(store="sqlite", data_dir=tmp_path) as server:
+        await _two_first_requests(server)
+
+
+async def _two_first_requests(server: Server) -> None:
+    statuses: list[int] = []
+
+    async def post(text: str) -> None:
+        async with sse(server, "POST", "/api/chat", chat_body("twin", text)) as r:
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                async for line in r.aiter_lines():
+                    if '"text-delta"' in line:
+                        await server.http.post("/sessions/twin/stop")
+            else:
+                await r.aread()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(post, script({"text": "one"}, {"sleep": 60}))
+            nursery.start_soon(post, script({"text": "two"}, {"sleep": 60}))
+    assert sorted(statuses) == [200, 409]
+    sessions = [s for s in (await server.http.get("/sessions")).json() if s["id"] == "twin"]
+    assert len(sessions) == 1
+    saved = (await server.http.get("/sessions/twin/messages")).json()
+    assert [m["role"] for m in saved] == ["user", "assistant"]
+    assert saved[1]["status"] == "stopped"
