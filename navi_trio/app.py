@@ -23,6 +23,7 @@ from .connection import CLOSE_DENIED, CLOSE_NOT_FOUND, CLOSE_POLICY, CLOSE_RESTA
 from .errors import NaviError
 from .http import HttpApi
 from .logs import guard_hypercorn_loggers
+from .protocol_routes import ProtocolRoutes
 from .runs import RunRegistry
 from .settings import Settings
 from .store import find_session, open_store
@@ -50,7 +51,9 @@ class Services:
     ) -> None:
         self.settings = settings
         self.registry = registry
-        self.http = HttpApi(registry, registry.store, settings, health=health)
+        self.http = HttpApi(
+            registry, registry.store, settings, health=health, protocols=ProtocolRoutes(registry, settings, pacer)
+        )
         self.pacer = pacer
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .asgi_types import Receive, Scope, Send
+    from .protocol_routes import ProtocolRoutes
     from .runs import RunRegistry
     from .settings import Settings
     from .store.base import SessionRecord, Store
@@ -41,7 +42,13 @@ ROUTES: Final = [
     (re.compile(rf"^/sessions/{_SESSION_ID}/messages$"), "messages"),
     (re.compile(rf"^/sessions/{_SESSION_ID}/stop$"), "stop"),
     (re.compile(rf"^/sessions/{_SESSION_ID}/files$"), "files"),
+    # CONTRACT section 10, served by protocol_routes.ProtocolRoutes
+    (re.compile(r"^/api/chat$"), "ai_chat"),
+    (re.compile(rf"^/api/chat/{_SESSION_ID}/stream$"), "ai_chat_stream"),
+    (re.compile(r"^/ag-ui$"), "ag_ui"),
 ]
+#: The status a route returns when it has sent its own (streamed) response.
+STREAMED: Final = 0
 
 
 class HTTPError(Exception):
@@ -87,12 +94,15 @@ class HttpApi:
         settings: Settings,
         *,
         health: Callable[[], str | None] = lambda: None,
+        protocols: ProtocolRoutes | None = None,
     ) -> None:
         self.registry = registry
         self.store = store
         self.settings = settings
         #: Why the server cannot serve (``/healthz`` answers 503 with it), or None.
         self.health = health
+        #: CONTRACT section 10's routes (``protocol_routes``), when served.
+        self.protocols = protocols
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -101,7 +111,7 @@ class HttpApi:
             for pattern, name in ROUTES:
                 m = pattern.match(path)
                 if m:
-                    status, body = await self._dispatch(name, method, m.groupdict().get("sid"), scope, receive)
+                    status, body = await self._dispatch(name, method, m.groupdict().get("sid"), scope, receive, send)
                     break
             else:
                 raise HTTPError(404, "Not Found")
@@ -117,7 +127,8 @@ class HttpApi:
         except Exception:
             log.exception("http.unexpected_error", path=path, method=method)
             status, body = 500, {"detail": "Internal server error"}
-        await _send_json(send, status, body)
+        if status != STREAMED:
+            await _send_json(send, status, body)
 
     async def _caller(self, scope: Scope) -> User | None:
         user = await authenticate(self.store, self.settings.auth, bearer_token(scope["headers"]))
@@ -126,7 +137,7 @@ class HttpApi:
         return user
 
     async def _dispatch(
-        self, name: str, method: str, sid: str | None, scope: Scope, receive: Receive
+        self, name: str, method: str, sid: str | None, scope: Scope, receive: Receive, send: Send
     ) -> tuple[int, Any]:
         if name == "healthz":
             if method == "GET":
@@ -136,6 +147,8 @@ class HttpApi:
                 return 200, {"status": "ok"}
             raise HTTPError(405, "Method Not Allowed")
         user = await self._caller(scope)
+        if self.protocols is not None and name in ("ai_chat", "ai_chat_stream", "ag_ui"):
+            return await self.protocols.serve(name, method, sid, scope, receive, send, user)
         if name == "sessions":
             if method == "POST":
                 return await self.create_session(receive, user)
