@@ -32,6 +32,9 @@ class Settings:
     agent: str = ""
     auth: str = "optional"
     store: str = "sqlite"
+    #: ``postgresql://user:password@host:port/dbname``: keep everything in PostgreSQL instead
+    #: of SQLite. Never logged or shown (it may carry the password).
+    database_url: str = attrs.field(default="", repr=False)
     heartbeat_s: float = 20.0
     grace_s: float = 10.0
     #: Bound on the shielded cleanup of a run (terminal event + saving its answer).
@@ -103,6 +106,11 @@ class Settings:
             raise ValueError(f"auth must be 'optional' or 'required', not {self.auth!r}")
         if self.store not in ("sqlite", "memory"):
             raise ValueError(f"store must be 'sqlite' or 'memory', not {self.store!r}")
+        if self.database_url:
+            if not self.database_url.startswith(("postgresql://", "postgres://")):
+                raise ValueError("NAVI_DATABASE_URL must be a postgresql:// URL")
+            if self.store == "memory":
+                raise ValueError("NAVI_DATABASE_URL and --store memory contradict each other: choose one")
         if ":" in self.agent:  # a user's agent, module:factory: fail at startup if it cannot load
             from .agents import load_factory
 

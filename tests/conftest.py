@@ -7,6 +7,7 @@ import pytest
 import structlog
 
 from .helpers import Server, open_server
+from .pg import PgServer, running_postgres
 
 
 @pytest.fixture
@@ -14,6 +15,21 @@ async def server() -> AsyncIterator[Server]:
     """A real hypercorn server (memory store) on 127.0.0.1:0; see ``helpers.open_server``."""
     async with open_server() as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgServer]:
+    """A real PostgreSQL server for the whole test session (see ``tests/pg.py``); it fails,
+    never skips, when PostgreSQL is not installed."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def database_url(postgres: PgServer) -> Iterator[str]:
+    """The URL (with its password) of a new, empty PostgreSQL database for one test."""
+    with postgres.database() as url:
+        yield url
 
 
 @pytest.fixture

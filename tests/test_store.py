@@ -1,6 +1,7 @@
-"""The store interface (``navi_trio.store``): SQLite and the in-memory store side by side.
+"""The store interface (``navi_trio.store``): SQLite, PostgreSQL and the in-memory store
+side by side (PostgreSQL: a real server, see ``tests/pg.py``).
 
-Both implementations are driven through the same ``Store`` interface; the SQLite-only
+Every implementation is driven through the same ``Store`` interface; the SQLite-only
 tests cover what only a real database can do: survive a reopen, fail on a read-only
 file with a :class:`StoreError` that says what failed, and never block the event loop
 while SQLite waits on a lock (real clock: the store works in worker threads).
@@ -22,17 +23,21 @@ import trio
 
 from navi_trio.errors import StoreError
 from navi_trio.store import Answer, MemoryStore, NewRun, SqliteStore, Store
+from navi_trio.store.postgres import PostgresStore
+
+from .pg import open_test_store, store_target
 
 T0 = "2026-01-01T00:00:00.000Z"
 
 
-@pytest.fixture(params=["sqlite", "memory"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store
-    if request.param == "sqlite":
-        s = await SqliteStore.open(tmp_path / "data" / "navi.sqlite3")
-    else:
-        s = MemoryStore()
+@pytest.fixture(params=["sqlite", "postgres", "memory"])
+def target(request: pytest.FixtureRequest) -> str:
+    return store_target(request)
+
+
+@pytest.fixture
+async def store(target: str, tmp_path: Path) -> AsyncIterator[Store]:
+    s = await open_test_store(target, tmp_path)
     try:
         yield s
     finally:
@@ -388,6 +393,6 @@ async def test_sqlite_time_bound_honoured_while_locked(tmp_path: Path) -> None:
 def test_memory_and_sqlite_share_the_interface() -> None:
     names = [n for n in vars(Store) if not n.startswith("_")]
     assert set(names) >= {"create_session", "begin_run", "save_answer", "list_messages", "close"}
-    for impl in (MemoryStore, SqliteStore):
+    for impl in (MemoryStore, SqliteStore, PostgresStore):
         for n in names:
             assert callable(getattr(impl, n, None)), f"{impl.__name__} lacks {n}"

@@ -25,10 +25,21 @@ __all__ = [
 
 @asynccontextmanager
 async def open_store(settings: Settings) -> AsyncIterator[Store]:
-    """Open the configured store and close it on exit (also when cancelled)."""
+    """Open the configured store and close it on exit (also when cancelled).
+
+    ``NAVI_DATABASE_URL`` chooses PostgreSQL (psycopg is imported only then); raises
+    :class:`~navi_trio.errors.StoreError` naming the server if it cannot be used.
+    """
     store: Store
     if settings.store == "memory":
         store = MemoryStore()
+    elif settings.database_url:
+        from .postgres import POOL_TIMEOUT_S, PostgresStore
+
+        # A refused save must fail (and be retried) before the run's save bound cuts it off.
+        store = await PostgresStore.open(
+            settings.database_url, pool_timeout_s=min(POOL_TIMEOUT_S, settings.save_timeout_s / 2)
+        )
     else:
         store = await SqliteStore.open(settings.data_dir / "navi.sqlite3")
     try:

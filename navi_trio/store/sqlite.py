@@ -23,6 +23,7 @@ import trio
 from ..auth import User, digests_equal
 from ..errors import StoreError
 from .base import Answer, MessageRecord, NewRun, SessionRecord, utc_now
+from .cache import SessionCache
 
 T = TypeVar("T")
 
@@ -91,10 +92,6 @@ def migrate(conn: sqlite3.Connection) -> int:
             conn.execute(f"PRAGMA user_version = {version + 1}")
 
 
-#: Session records kept in memory (they never change; deletes go through this store).
-SESSION_CACHE_SIZE = 10_000
-
-
 class SqliteStore:
     """One connection, one server process: the run registry is per process too (one run
     per session can only be guaranteed there), so the database has a single owner and
@@ -105,12 +102,7 @@ class SqliteStore:
         self._conn = conn
         self._path = path
         self._limiter = trio.CapacityLimiter(1)
-        self._sessions: dict[str, SessionRecord] = {}
-
-    def _remember(self, rec: SessionRecord) -> None:
-        if len(self._sessions) >= SESSION_CACHE_SIZE:
-            self._sessions.pop(next(iter(self._sessions)))
-        self._sessions[rec.id] = rec
+        self._sessions = SessionCache()
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -162,7 +154,7 @@ class SqliteStore:
             )
 
         await self._call("creating a session", q)
-        self._remember(rec)
+        self._sessions.remember(rec)
         return rec
 
     def cached_session(self, session_id: str) -> SessionRecord | None:
@@ -182,7 +174,7 @@ class SqliteStore:
 
         rec = await self._call("reading a session", q)
         if rec is not None:
-            self._remember(rec)
+            self._sessions.remember(rec)
         return rec
 
     async def list_sessions(self, user_id: str | None, *, everyone: bool = False) -> list[SessionRecord]:
@@ -203,7 +195,7 @@ class SqliteStore:
         return await self._call("listing sessions", q)
 
     async def delete_session(self, session_id: str) -> bool:
-        self._sessions.pop(session_id, None)
+        self._sessions.forget(session_id)
 
         def q(c: sqlite3.Connection) -> bool:
             with c:

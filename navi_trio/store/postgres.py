@@ -1,0 +1,440 @@
+"""PostgreSQL store (``NAVI_DATABASE_URL=postgresql://...``): the same interface as SQLite.
+
+Why threads: psycopg 3's async API runs on asyncio only, not on Trio, so the store drives
+psycopg's blocking API from worker threads (``trio.to_thread.run_sync``), one pooled
+connection per thread (``psycopg_pool.ConnectionPool``). A ``CapacityLimiter`` as large as
+the pool means a thread never waits inside psycopg for a free connection.
+
+``abandon_on_cancel=True``, for the reason SQLite has it: a caller's time bound (the
+shielded ``move_on_after`` of a run's cleanup, the checkpoint's bound) is honoured even
+when PostgreSQL hangs (a lost host, a lock). The abandoned call keeps its limiter token
+and its connection until it ends, and it does end: connects, waits for a pooled
+connection, statements and a silent peer are all bounded (:data:`CONNECT_OPTIONS`).
+
+A fault of the server or the network becomes a :class:`StoreError` naming PostgreSQL and
+its host (never the password): the run registry ends runs that lose a checkpoint with an
+``error`` that says so and retries refused final answers until they are in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, Final, LiteralString, TypeVar
+
+import psycopg
+import psycopg.conninfo
+import psycopg.errors
+import trio
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ..auth import User, digests_equal
+from ..errors import StoreError
+from .base import Answer, MessageRecord, NewRun, SessionRecord, utc_now
+from .cache import SessionCache
+
+T = TypeVar("T")
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+#: Schema migrations, in order; ``schema_version`` records how many have run. They run at
+#: start, all in one transaction under an advisory lock, so processes starting at once on
+#: one new database apply each exactly once. Append, never edit a released one.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            title TEXT NOT NULL,
+            user_id TEXT,
+            created_at TEXT NOT NULL,
+            summary TEXT,
+            summary_through BIGINT NOT NULL DEFAULT 0
+        )""",
+        # ord: one sequence for every session; ordered within a session, as SQLite's is.
+        """CREATE TABLE messages (
+            id TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+            ord BIGINT GENERATED ALWAYS AS IDENTITY,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            thinking TEXT,
+            tool_calls TEXT,
+            status TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX messages_by_session ON messages(session_id, ord)",
+        "CREATE INDEX messages_running ON messages(status) WHERE status = 'running'",
+        """CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            role TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            revoked_at TEXT
+        )""",
+        """CREATE TABLE tokens (
+            hash TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX sessions_by_user ON sessions(user_id)",
+    ),
+)
+
+#: The key of the advisory lock that serializes migrations (any constant; "navi" in ASCII).
+MIGRATION_LOCK: Final = 0x6E617669
+
+#: How long a store call waits for a connection (the pool's own wait, which is the whole
+#: wait while PostgreSQL is down): below the default ``save_timeout_s`` (5 s), so a refused
+#: final save is a StoreError the registry retries, not a cancelled call.
+POOL_TIMEOUT_S: Final = 2.0
+
+#: Bounds on every connection: the connect, a statement, and a peer that stops answering
+#: (TCP keepalives, ``tcp_user_timeout`` in ms), so an abandoned worker thread ends.
+CONNECT_OPTIONS: Final[dict[str, Any]] = {
+    "connect_timeout": 3,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+    "options": "-c statement_timeout=30000",
+    "application_name": "navi-trio",
+}
+
+#: Connections per process (and worker threads doing store calls at once).
+POOL_SIZE: Final = 4
+
+
+def describe(url: str) -> str:
+    """``PostgreSQL at host:port/dbname`` for messages and logs: never the password."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "PostgreSQL (an invalid NAVI_DATABASE_URL)"
+    host = str(params.get("host") or "localhost")
+    port = str(params.get("port") or "5432")
+    dbname = str(params.get("dbname") or params.get("user") or "")
+    return f"PostgreSQL at {host}:{port}/{dbname}"
+
+
+def _reason(exc: BaseException, password: str) -> str:
+    """The first line of a psycopg message, the password blanked should it ever appear."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text.replace(password, "***") if password else text
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    """The server or the network failed (as opposed to a statement the database refused)."""
+    return isinstance(exc, PoolTimeout | psycopg.OperationalError) and not isinstance(
+        exc, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable
+    )
+
+
+def migrate(conn: Conn) -> int:
+    """Bring the schema up to date; return the version it is now at.
+
+    The advisory lock is taken before anything else in the transaction, so a second
+    process starting at the same moment waits, then finds the work done.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+            version = 0
+        else:
+            version = int(row[0])
+        if version > len(MIGRATIONS):
+            raise StoreError(f"the database is at schema version {version}, newer than this navi-trio knows")
+        for statements in MIGRATIONS[version:]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute("UPDATE schema_version SET version = %s", (len(MIGRATIONS),))
+    return len(MIGRATIONS)
+
+
+def _in_one_transaction(sql: LiteralString, rows: Sequence[Sequence[Any]], conn: Conn) -> None:
+    """``sql`` once for each of ``rows``, pipelined, all in one transaction."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(sql, rows)
+
+
+class PostgresStore:
+    """A pool of connections to one database, shared by this process's calls.
+
+    Session records are cached as SQLite caches them: the run registry is still per
+    process (one run per session is guaranteed only there), so one process owns the
+    database and a session it did not delete is still there.
+    """
+
+    def __init__(self, pool: ConnectionPool[Conn], where: str, password: str) -> None:
+        self._pool = pool
+        self._where = where
+        self._password = password
+        self._limiter = trio.CapacityLimiter(POOL_SIZE)
+        self._sessions = SessionCache()
+        #: Why the database could not be reached on the last call, or None once it answers.
+        self.unavailable: str | None = None
+
+    @classmethod
+    async def open(cls, url: str, *, pool_timeout_s: float = POOL_TIMEOUT_S) -> PostgresStore:
+        """Connect, migrate, and open the pool. Raises :class:`StoreError` naming the
+        server (``PostgreSQL at host:port/db``) if it cannot be reached or migrated.
+
+        Cancellation: the connect runs in a worker thread that is waited for (bounded by
+        ``connect_timeout``), so nothing is left open behind a cancel.
+        """
+        where = describe(url)
+        try:
+            password = str(psycopg.conninfo.conninfo_to_dict(url).get("password") or "")
+        except psycopg.ProgrammingError:
+            raise StoreError(f"{where}: NAVI_DATABASE_URL must look like postgresql://user@host/dbname") from None
+
+        def _open() -> ConnectionPool[Conn]:
+            with psycopg.connect(url, autocommit=True, **CONNECT_OPTIONS) as conn:
+                migrate(conn)
+            pool: ConnectionPool[Conn] = ConnectionPool(
+                url,
+                min_size=1,
+                max_size=POOL_SIZE,
+                kwargs={"autocommit": True, **CONNECT_OPTIONS},
+                timeout=pool_timeout_s,
+                # A connection broken while idle (the server restarted) is found here and
+                # replaced, instead of failing the next checkpoint of a healthy run.
+                check=ConnectionPool.check_connection,
+                open=False,
+                name="navi-trio",
+            )
+            pool.open(wait=True, timeout=CONNECT_OPTIONS["connect_timeout"] + 2)
+            return pool
+
+        try:
+            pool = await trio.to_thread.run_sync(_open)
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise StoreError(f"cannot use {where}: {_reason(exc, password)}") from None
+        return cls(pool, where, password)
+
+    async def _call(self, what: str, fn: Callable[[Conn], T]) -> T:
+        def work() -> T:
+            with self._pool.connection() as conn:
+                return fn(conn)
+
+        try:
+            result = await trio.to_thread.run_sync(work, limiter=self._limiter, abandon_on_cancel=True)
+        except (psycopg.Error, PoolTimeout) as exc:
+            reason = _reason(exc, self._password)
+            if _is_unavailable(exc):
+                self.unavailable = f"{self._where} is unavailable: {reason}"
+                raise StoreError(f"{self._where} is unavailable while {what}: {reason}") from exc
+            raise StoreError(f"database error while {what}: {reason}") from exc
+        self.unavailable = None
+        return result
+
+    async def ping(self) -> bool:
+        """True if PostgreSQL answers now (updates :attr:`unavailable`)."""
+        try:
+            await self._call("checking the database", lambda c: c.execute("SELECT 1").fetchone())
+        except StoreError:
+            return False
+        return True
+
+    async def create_session(self, session_id: str, title: str, user_id: str | None) -> SessionRecord:
+        rec = SessionRecord(session_id, title, user_id, utc_now())
+
+        def q(c: Conn) -> None:
+            c.execute(
+                "INSERT INTO sessions (id, title, user_id, created_at) VALUES (%s, %s, %s, %s)",
+                (rec.id, rec.title, rec.user_id, rec.created_at),
+            )
+
+        await self._call("creating a session", q)
+        self._sessions.remember(rec)
+        return rec
+
+    def cached_session(self, session_id: str) -> SessionRecord | None:
+        return self._sessions.get(session_id)
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        cached = self.cached_session(session_id)
+        if cached is not None:
+            await trio.lowlevel.checkpoint()
+            return cached
+
+        def q(c: Conn) -> SessionRecord | None:
+            row = c.execute(
+                "SELECT id, title, user_id, created_at FROM sessions WHERE id = %s", (session_id,)
+            ).fetchone()
+            return SessionRecord(*row) if row else None
+
+        rec = await self._call("reading a session", q)
+        if rec is not None:
+            self._sessions.remember(rec)
+        return rec
+
+    async def list_sessions(self, user_id: str | None, *, everyone: bool = False) -> list[SessionRecord]:
+        def q(c: Conn) -> list[SessionRecord]:
+            columns = "SELECT id, title, user_id, created_at FROM sessions"
+            if everyone:
+                cur = c.execute(f"{columns} ORDER BY created_at, id")
+            elif user_id is None:
+                cur = c.execute(f"{columns} WHERE user_id IS NULL ORDER BY created_at, id")
+            else:
+                cur = c.execute(f"{columns} WHERE user_id = %s ORDER BY created_at, id", (user_id,))
+            return [SessionRecord(*r) for r in cur.fetchall()]
+
+        return await self._call("listing sessions", q)
+
+    async def delete_session(self, session_id: str) -> bool:
+        self._sessions.forget(session_id)
+
+        def q(c: Conn) -> bool:
+            # Its messages go with it (ON DELETE CASCADE), in the same statement.
+            return c.execute("DELETE FROM sessions WHERE id = %s", (session_id,)).rowcount > 0
+
+        return await self._call("deleting a session", q)
+
+    async def list_messages(self, session_id: str) -> list[MessageRecord]:
+        def q(c: Conn) -> list[MessageRecord]:
+            rows = c.execute(
+                "SELECT id, role, content, created_at, status, thinking, tool_calls FROM messages"
+                " WHERE session_id = %s AND status != 'running' ORDER BY ord",
+                (session_id,),
+            ).fetchall()
+            return [MessageRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None) for r in rows]
+
+        return await self._call("listing messages", q)
+
+    async def begin_run(self, new_run: NewRun) -> None:
+        await self.begin_runs([new_run])
+
+    async def begin_runs(self, new_runs: list[NewRun]) -> None:
+        rows: list[tuple[str | None, ...]] = []
+        for r in new_runs:
+            rows.append((r.user_message_id, r.session_id, "user", r.user_content, None, None, "complete", r.created_at))
+            rows.append((r.answer_id, r.session_id, "assistant", "", "", "[]", "running", r.created_at))
+
+        # In this order: each row takes the next ord, so the answer follows its question.
+        sql = (
+            "INSERT INTO messages (id, session_id, role, content, thinking, tool_calls, status, created_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+        )
+        await self._call("saving the user's message", partial(_in_one_transaction, sql, rows))
+
+    async def save_answer(self, answer: Answer) -> None:
+        tool_calls = json.dumps(answer.tool_calls)
+
+        def q(c: Conn) -> None:
+            c.execute(
+                "UPDATE messages SET content = %s, thinking = %s, tool_calls = %s, status = %s WHERE id = %s",
+                (answer.content, answer.thinking, tool_calls, answer.status, answer.id),
+            )
+
+        await self._call("saving the answer", q)
+
+    async def checkpoint(self, answers: list[Answer]) -> None:
+        rows = [(a.content, a.thinking, json.dumps(a.tool_calls), a.id) for a in answers]
+
+        # Only answers still running: a checkpoint queued behind a run's final save must
+        # not turn it back into "running".
+        sql = "UPDATE messages SET content = %s, thinking = %s, tool_calls = %s WHERE id = %s AND status = 'running'"
+        await self._call("saving answers in progress", partial(_in_one_transaction, sql, rows))
+
+    async def recover_interrupted(self) -> int:
+        def q(c: Conn) -> int:
+            return c.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'running'").rowcount
+
+        return await self._call("marking interrupted answers", q)
+
+    async def load_context(self, session_id: str) -> tuple[str | None, list[dict[str, Any]]]:
+        def q(c: Conn) -> tuple[str | None, list[dict[str, Any]]]:
+            with c.transaction():  # the summary and the messages after it, as of one moment
+                row = c.execute("SELECT summary, summary_through FROM sessions WHERE id = %s", (session_id,)).fetchone()
+                summary, through = (row[0], row[1]) if row else (None, 0)
+                rows = c.execute(
+                    "SELECT id, role, content FROM messages WHERE session_id = %s AND ord > %s"
+                    " AND status != 'running' ORDER BY ord",
+                    (session_id, through),
+                ).fetchall()
+            return summary, [{"id": r[0], "role": r[1], "content": r[2]} for r in rows]
+
+        return await self._call("loading the conversation", q)
+
+    async def save_summary(self, session_id: str, summary: str, through_message_id: str) -> None:
+        def q(c: Conn) -> None:
+            c.execute(
+                "UPDATE sessions SET summary = %s, summary_through ="
+                " COALESCE((SELECT ord FROM messages WHERE id = %s), 0) WHERE id = %s",
+                (summary, through_message_id, session_id),
+            )
+
+        await self._call("saving the conversation summary", q)
+
+    async def add_user(self, user: User, token_hash: str) -> None:
+        def q(c: Conn) -> None:
+            with c.transaction():
+                c.execute(
+                    "INSERT INTO users (id, name, role, created_at) VALUES (%s, %s, %s, %s)",
+                    (user.id, user.name, user.role, user.created_at),
+                )
+                c.execute(
+                    "INSERT INTO tokens (hash, user_id, created_at) VALUES (%s, %s, %s)",
+                    (token_hash, user.id, user.created_at),
+                )
+
+        try:
+            await self._call("adding a user", q)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, psycopg.errors.UniqueViolation):
+                raise StoreError(f"a user named {user.name!r} exists already") from None
+            raise
+
+    async def list_users(self) -> list[User]:
+        def q(c: Conn) -> list[User]:
+            rows = c.execute("SELECT id, name, role, created_at, revoked_at FROM users ORDER BY created_at, name")
+            return [User(r[0], r[1], r[2], r[3], r[4] is not None) for r in rows.fetchall()]
+
+        return await self._call("listing users", q)
+
+    async def revoke_user(self, name: str, revoked_at: str) -> User | None:
+        def q(c: Conn) -> User | None:
+            row = c.execute(
+                "UPDATE users SET revoked_at = COALESCE(revoked_at, %s) WHERE name = %s"
+                " RETURNING id, name, role, created_at",
+                (revoked_at, name),
+            ).fetchone()
+            return User(row[0], row[1], row[2], row[3], True) if row else None
+
+        return await self._call("revoking a user", q)
+
+    async def user_for_token_hash(self, token_hash: str) -> User | None:
+        def q(c: Conn) -> User | None:
+            row = c.execute(
+                "SELECT u.id, u.name, u.role, u.created_at, u.revoked_at, t.hash FROM tokens t"
+                " JOIN users u ON u.id = t.user_id WHERE t.hash = %s",
+                (token_hash,),
+            ).fetchone()
+            if row is None or not digests_equal(row[5], token_hash):
+                return None
+            return User(row[0], row[1], row[2], row[3], row[4] is not None)
+
+        return await self._call("checking a token", q)
+
+    async def revoked_user_ids(self) -> set[str]:
+        def q(c: Conn) -> set[str]:
+            return {r[0] for r in c.execute("SELECT id FROM users WHERE revoked_at IS NOT NULL").fetchall()}
+
+        return await self._call("reading revoked users", q)
+
+    async def __aenter__(self) -> PostgresStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the pool: its connections and its maintenance threads (bounded wait,
+        safe in a cancelled ``finally``). A call still running in an abandoned thread
+        finds its connection closed and ends."""
+        self._pool.close(timeout=1.0)
