@@ -144,6 +144,12 @@ class HttpApi:
                 problem = self.health()
                 if problem is not None:
                     raise HTTPError(503, problem)
+                # The store's own state (PostgreSQL gone): why goes to the log, not to an
+                # unauthenticated caller (it names the database's host).
+                store_problem = await self.store.health()
+                if store_problem is not None:
+                    log.warning("http.healthz_unavailable", problem=store_problem)
+                    return 503, {"detail": "Storage is unavailable"}
                 return 200, {"status": "ok"}
             raise HTTPError(405, "Method Not Allowed")
         user = await self._caller(scope)

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg
@@ -120,8 +120,9 @@ class PgServer:
     def stop(self, mode: str = "fast") -> None:
         self._run(str(self.bin / "pg_ctl"), "stop", "-D", str(self.data), "-m", mode, "-w", "-t", "60")
 
-    def url(self, dbname: str = "postgres", password: str = PASSWORD) -> str:
-        return f"postgresql://{USER}:{password}@127.0.0.1:{self.port}/{dbname}"
+    def url(self, dbname: str = "postgres", password: str = PASSWORD, schema: str = "") -> str:
+        query = f"?options=-csearch_path%3D{schema}" if schema else ""
+        return f"postgresql://{USER}:{password}@127.0.0.1:{self.port}/{dbname}{query}"
 
     def _admin(self, sql: str) -> None:
         with psycopg.connect(self.url(), autocommit=True, connect_timeout=10) as conn:
@@ -129,14 +130,15 @@ class PgServer:
 
     @contextlib.contextmanager
     def database(self) -> Iterator[str]:
-        """A new empty database for one test; its URL. Dropped afterwards (open
-        connections are ended first)."""
+        """An empty database for one test; its URL. A schema of its own in the database
+        ``postgres`` (the URL sets ``search_path``): as empty as a new database, in a
+        millisecond instead of a third of a second. Dropped afterwards."""
         name = f"t_{uuid.uuid4().hex[:12]}"
-        self._admin(f"CREATE DATABASE {name}")
+        self._admin(f"CREATE SCHEMA {name}")
         try:
-            yield self.url(name)
+            yield self.url(schema=name)
         finally:
-            self._admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            self._admin(f"DROP SCHEMA IF EXISTS {name} CASCADE")
 
 
 @contextlib.contextmanager
@@ -167,10 +169,17 @@ def store_target(request: pytest.FixtureRequest) -> str:
     return kind
 
 
-async def open_test_store(target: str, tmp_path: Path) -> Store:
-    """The store ``target`` names (see :func:`store_target`), opened."""
+@contextlib.asynccontextmanager
+async def opened_store(target: str, tmp_path: Path) -> AsyncIterator[Store]:
+    """The store ``target`` names (see :func:`store_target`), open for the block."""
+    store: Store
     if target == "memory":
-        return MemoryStore()
-    if target == "sqlite":
-        return await SqliteStore.open(tmp_path / "data" / "navi.sqlite3")
-    return await PostgresStore.open(target)
+        store = MemoryStore()
+    elif target == "sqlite":
+        store = await SqliteStore.open(tmp_path / "data" / "navi.sqlite3")
+    else:
+        store = await PostgresStore.open(target)
+    try:
+        yield store
+    finally:
+        store.close()

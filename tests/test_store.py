@@ -18,14 +18,17 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 
+from navi_trio.auth import User
 from navi_trio.errors import StoreError
 from navi_trio.store import Answer, MemoryStore, NewRun, SqliteStore, Store
+from navi_trio.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from navi_trio.store.postgres import PostgresStore
 
-from .pg import open_test_store, store_target
+from .pg import PgServer, free_port, opened_store, running_postgres, store_target
 
 T0 = "2026-01-01T00:00:00.000Z"
 
@@ -37,11 +40,20 @@ def target(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def store(target: str, tmp_path: Path) -> AsyncIterator[Store]:
-    s = await open_test_store(target, tmp_path)
-    try:
+    async with opened_store(target, tmp_path) as s:
         yield s
-    finally:
-        s.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_target(request: pytest.FixtureRequest) -> str:
+    return store_target(request)
+
+
+@pytest.fixture
+async def db_store(db_target: str, tmp_path: Path) -> AsyncIterator[Store]:
+    """The stores with a database: a schema, constraints, a file or a server."""
+    async with opened_store(db_target, tmp_path) as s:
+        yield s
 
 
 def new_run(session_id: str, content: str, created_at: str = T0) -> NewRun:
@@ -230,19 +242,106 @@ async def test_list_messages_of_unknown_session_is_empty(store: Store) -> None:
         assert await store.list_messages("nope") == []
 
 
+async def test_begin_runs_of_several_sessions_in_one_call(store: Store) -> None:
+    with trio.fail_after(10):
+        for sid in ("a", "b", "c"):
+            await store.create_session(sid, "t", None)
+        await play_run(store, "b", "earlier", "reply")
+        runs = [new_run(sid, f"q {sid}") for sid in ("a", "b", "c")]
+        await store.begin_runs(runs)
+        assert [m.content for m in await store.list_messages("a")] == ["q a"]
+        assert [m.content for m in await store.list_messages("b")] == ["earlier", "reply", "q b"]
+        for r in runs:
+            await store.save_answer(answer(r, "complete", f"r {r.session_id}"))
+        assert [m.content for m in await store.list_messages("c")] == ["q c", "r c"]
+
+
+async def test_begin_runs_for_a_deleted_session_fails_and_writes_nothing(db_store: Store) -> None:
+    with trio.fail_after(10):
+        await db_store.create_session("kept", "t", None)
+        with pytest.raises(StoreError, match="saving the user's message"):
+            await db_store.begin_runs([new_run("kept", "q"), new_run("gone", "q")])
+        assert await db_store.list_messages("kept") == []  # one transaction: all or nothing
+
+
+async def test_checkpoint_saves_running_answers_and_recovery_interrupts_them(store: Store) -> None:
+    with trio.fail_after(10):
+        runs = []
+        for i in range(3):
+            await store.create_session(f"s{i}", "t", None)
+            runs.append(new_run(f"s{i}", f"q{i}"))
+        await store.begin_runs(runs)
+        await store.save_answer(answer(runs[2], "complete", "finished"))
+        await store.checkpoint([answer(r, "running", f"so far {i}", "th", [{"tool": "t"}]) for i, r in enumerate(runs)])
+        assert [m.content for m in await store.list_messages("s0")] == ["q0"]  # still hidden
+        assert await store.recover_interrupted() == 2
+        assert await store.recover_interrupted() == 0
+        for i in range(2):
+            msgs = await store.list_messages(f"s{i}")
+            assert (msgs[1].status, msgs[1].content, msgs[1].thinking) == ("interrupted", f"so far {i}", "th")
+            assert msgs[1].tool_calls == [{"tool": "t"}]
+        final = (await store.list_messages("s2"))[1]
+        assert (final.status, final.content) == ("complete", "finished")  # the checkpoint left it alone
+
+
+async def test_load_context_after_the_summary(store: Store) -> None:
+    with trio.fail_after(10):
+        await store.create_session("s1", "t", None)
+        assert await store.load_context("s1") == (None, [])
+        first = await play_run(store, "s1", "q1", "r1")
+        second = await play_run(store, "s1", "q2", "r2")
+        running = new_run("s1", "q3")
+        await store.begin_run(running)
+        summary, history = await store.load_context("s1")
+        assert summary is None
+        assert [(m["role"], m["content"]) for m in history] == [
+            ("user", "q1"),
+            ("assistant", "r1"),
+            ("user", "q2"),
+            ("assistant", "r2"),
+            ("user", "q3"),
+        ]
+        assert history[0]["id"] == first.user_message_id
+        await store.save_summary("s1", "they asked twice", second.user_message_id)
+        summary, history = await store.load_context("s1")
+        assert summary == "they asked twice"
+        assert [m["content"] for m in history] == ["r2", "q3"]
+
+
+async def test_users_and_tokens(store: Store) -> None:
+    alice = User("id-alice", "alice", "admin", T0)
+    bob = User("id-bob", "bob", "user", "2026-01-02T00:00:00.000Z")
+    with trio.fail_after(10):
+        await store.add_user(alice, "hash-a")
+        await store.add_user(bob, "hash-b")
+        with pytest.raises(StoreError, match="a user named 'alice' exists already"):
+            await store.add_user(User("id-other", "alice", "user", T0), "hash-c")
+        assert await store.user_for_token_hash("hash-c") is None  # the refused user left nothing
+        assert await store.list_users() == [alice, bob]
+        assert await store.user_for_token_hash("hash-a") == alice
+        assert await store.user_for_token_hash("nope") is None
+        assert await store.revoked_user_ids() == set()
+        revoked = await store.revoke_user("bob", "2026-01-03T00:00:00.000Z")
+        assert revoked == User("id-bob", "bob", "user", bob.created_at, True)
+        assert await store.revoke_user("nobody", T0) is None
+        assert await store.revoked_user_ids() == {"id-bob"}
+        got = await store.user_for_token_hash("hash-b")
+        assert got is not None and got.revoked
+        assert [u.revoked for u in await store.list_users()] == [False, True]
+
+
 # -- SQLite only ---------------------------------------------------------------------------
 
 
-async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "navi.sqlite3"
+async def test_database_survives_reopen(db_target: str, tmp_path: Path) -> None:
     with trio.fail_after(10):
-        async with await SqliteStore.open(path) as store:
+        async with opened_store(db_target, tmp_path) as store:
             await store.create_session("s1", "kept", "alice")
             run = await play_run(store, "s1", "q1", "r1")
             await store.save_answer(
                 answer(run, "complete", "r1", "th", [{"tool": "x", "args": {"a": 1}, "result": "ok", "success": True}])
             )
-        async with await SqliteStore.open(path) as store:
+        async with opened_store(db_target, tmp_path) as store:
             rec = await store.get_session("s1")
             assert rec is not None
             assert (rec.title, rec.user_id) == ("kept", "alice")
@@ -339,17 +438,33 @@ def hold_write_lock(path: Path, held: trio.Event, hold_s: float) -> None:
         conn.close()
 
 
-async def test_sqlite_never_blocks_the_event_loop(tmp_path: Path) -> None:
-    """While a store call waits ~0.3 s on SQLite's lock, another trio task keeps running."""
-    path = tmp_path / "navi.sqlite3"
+def hold_table_lock(url: str, held: trio.Event, hold_s: float) -> None:
+    """In a worker thread: lock PostgreSQL's sessions table from another connection."""
+    with psycopg.connect(url) as conn, conn.transaction():
+        conn.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+        conn.execute("INSERT INTO sessions (id, title, user_id, created_at) VALUES ('locker', 'x', NULL, %s)", (T0,))
+        trio.from_thread.run_sync(held.set)
+        time.sleep(hold_s)  # a real client holding the lock (this thread, not the loop)
+
+
+async def hold_lock(nursery: trio.Nursery, db_target: str, tmp_path: Path, hold_s: float) -> None:
+    """Lock the sessions table from another connection for ``hold_s``; return once held."""
+    held = trio.Event()
+    if db_target == "sqlite":
+        nursery.start_soon(trio.to_thread.run_sync, hold_write_lock, tmp_path / "data" / "navi.sqlite3", held, hold_s)
+    else:
+        nursery.start_soon(trio.to_thread.run_sync, hold_table_lock, db_target, held, hold_s)
+    await held.wait()
+
+
+async def test_database_never_blocks_the_event_loop(db_target: str, tmp_path: Path) -> None:
+    """While a store call waits ~0.3 s on a lock, another trio task keeps running."""
     hold_s = 0.3
     with trio.fail_after(20):
-        async with await SqliteStore.open(path) as store:
-            held = trio.Event()
+        async with opened_store(db_target, tmp_path) as store:
             ticks: list[float] = []
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, hold_write_lock, path, held, hold_s)
-                await held.wait()
+                await hold_lock(nursery, db_target, tmp_path, hold_s)
 
                 async def ticker() -> None:
                     while True:
@@ -369,22 +484,19 @@ async def test_sqlite_never_blocks_the_event_loop(tmp_path: Path) -> None:
             assert {s.id for s in await store.list_sessions(None)} == {"locker", "mine"}
 
 
-async def test_sqlite_time_bound_honoured_while_locked(tmp_path: Path) -> None:
-    """A caller's deadline is honoured even while SQLite waits on a lock, and the store
-    stays strictly serialized: the next call waits for the abandoned one to finish."""
-    path = tmp_path / "navi.sqlite3"
+async def test_database_time_bound_honoured_while_locked(db_target: str, tmp_path: Path) -> None:
+    """A caller's deadline is honoured even while the database waits on a lock, and the
+    abandoned call does not overlap the next one: SQLite's limiter holds until it ends;
+    PostgreSQL's next call waits for the same lock, then both are in."""
     with trio.fail_after(20):
-        async with await SqliteStore.open(path) as store:
-            held = trio.Event()
+        async with opened_store(db_target, tmp_path) as store:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, hold_write_lock, path, held, 0.5)
-                await held.wait()
+                await hold_lock(nursery, db_target, tmp_path, 0.5)
                 t0 = trio.current_time()
                 with trio.move_on_after(0.05) as scope:
                     await store.create_session("abandoned", "t", None)
                 assert scope.cancelled_caught
                 assert trio.current_time() - t0 < 0.3
-                # The next call runs only after the abandoned one (the limiter holds).
                 await store.create_session("next", "t", None)
             ids = {s.id for s in await store.list_sessions(None)}
             assert {"locker", "next"} <= ids
@@ -396,3 +508,119 @@ def test_memory_and_sqlite_share_the_interface() -> None:
     for impl in (MemoryStore, SqliteStore, PostgresStore):
         for n in names:
             assert callable(getattr(impl, n, None)), f"{impl.__name__} lacks {n}"
+
+
+# -- PostgreSQL only -----------------------------------------------------------------------
+
+
+def schema_version(url: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT version FROM schema_version").fetchall()
+
+
+async def test_postgres_processes_starting_at_once_migrate_once(database_url: str) -> None:
+    """Eight stores open on one new database at the same moment (as processes would):
+    every one opens, the schema is created once, and all of them work on it."""
+    stores: list[PostgresStore] = []
+
+    async def open_one() -> None:
+        stores.append(await PostgresStore.open(database_url))
+
+    with trio.fail_after(60):
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(open_one)
+            assert len(stores) == 8
+            for i, s in enumerate(stores):
+                await s.create_session(f"s{i}", "t", None)
+            assert len(await stores[0].list_sessions(None)) == 8
+        finally:
+            for s in stores:
+                s.close()
+    assert await trio.to_thread.run_sync(schema_version, database_url) == [(len(PG_MIGRATIONS),)]
+
+
+async def test_postgres_database_from_a_newer_version_is_refused(database_url: str) -> None:
+    newer = len(PG_MIGRATIONS) + 1
+
+    def set_version() -> None:
+        with psycopg.connect(database_url) as conn:
+            conn.execute("UPDATE schema_version SET version = %s", (newer,))
+
+    with trio.fail_after(20):
+        async with await PostgresStore.open(database_url) as store:
+            await store.create_session("s1", "kept", None)
+        await trio.to_thread.run_sync(set_version)
+        with pytest.raises(StoreError, match=rf"schema version {newer}, newer than"):
+            await PostgresStore.open(database_url)
+    assert await trio.to_thread.run_sync(schema_version, database_url) == [(newer,)]  # untouched
+
+
+async def test_postgres_unreachable_at_start_names_the_server_never_the_password(
+    postgres: PgServer, log_events: list[dict[str, Any]]
+) -> None:
+    closed_port = free_port()
+    secret = "s3cret-Pa55"
+    with trio.fail_after(30):
+        with pytest.raises(StoreError) as refused:
+            await PostgresStore.open(f"postgresql://navi:{secret}@127.0.0.1:{closed_port}/navi")
+        message = str(refused.value)
+        assert message.startswith(f"cannot use PostgreSQL at 127.0.0.1:{closed_port}/navi: "), message
+        assert "refused" in message.lower(), message
+        # A wrong password: the server answers, and says no (without echoing it).
+        with pytest.raises(StoreError) as denied:
+            await PostgresStore.open(postgres.url(password=secret))
+        message = str(denied.value)
+        assert message.startswith(f"cannot use PostgreSQL at 127.0.0.1:{postgres.port}/postgres: "), message
+        assert "password authentication failed" in message, message
+    for exc in (refused.value, denied.value):
+        assert secret not in str(exc)
+        assert exc.__cause__ is None and exc.__suppress_context__  # no chained psycopg error to print
+    assert not any(secret in str(e) for e in log_events)
+
+
+async def test_postgres_a_malformed_url_is_a_store_error() -> None:
+    with trio.fail_after(10), pytest.raises(StoreError, match="NAVI_DATABASE_URL must look like"):
+        await PostgresStore.open("postgresql://host:notaport:/x?=")
+
+
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[PgServer]:
+    """A PostgreSQL server of this module's own, to stop and start again."""
+    with running_postgres() as server:
+        yield server
+
+
+async def test_postgres_down_then_back(own_postgres: PgServer) -> None:
+    """Stopped: each call fails soon (within the pool's wait) with a StoreError naming
+    PostgreSQL and its host, and ``unavailable`` says so. Started again: the store works
+    again with no reopen."""
+    with own_postgres.database() as url:
+        async with await PostgresStore.open(url, pool_timeout_s=1.0) as store:
+            await store.create_session("before", "t", None)
+            run = new_run("before", "q")
+            await store.begin_run(run)
+            assert store.unavailable is None
+            await trio.to_thread.run_sync(own_postgres.stop)
+            try:
+                t0 = trio.current_time()
+                with trio.fail_after(10), pytest.raises(StoreError) as refused:
+                    await store.save_answer(answer(run, "complete", "kept"))
+                assert trio.current_time() - t0 < 3.0
+                where = f"PostgreSQL at 127.0.0.1:{own_postgres.port}/postgres"
+                assert str(refused.value).startswith(f"{where} is unavailable while saving the answer"), refused.value
+                assert store.unavailable is not None and store.unavailable.startswith(where)
+                assert not await store.ping()
+            finally:
+                await trio.to_thread.run_sync(own_postgres.start)
+            with trio.fail_after(30):
+                while True:  # bounded by fail_after: the pool reconnects with a backoff
+                    try:
+                        await store.save_answer(answer(run, "complete", "kept"))
+                        break
+                    except StoreError:
+                        await trio.sleep(0.2)
+            assert store.unavailable is None
+            assert await store.ping()
+            assert [m.content for m in await store.list_messages("before")] == ["q", "kept"]

@@ -132,6 +132,11 @@ class Store(Protocol):
 
     async def revoked_user_ids(self) -> set[str]: ...
 
+    async def health(self) -> str | None:
+        """None while the store can serve; else what is wrong, in a sentence for the log
+        (``/healthz`` answers 503 meanwhile). May ask the database (bounded)."""
+        ...
+
     def close(self) -> None: ...
 
 

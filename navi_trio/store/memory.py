@@ -138,5 +138,9 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         return {u.id for u in self.users.values() if u.revoked}
 
+    async def health(self) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return None
+
     def close(self) -> None:
         pass

@@ -9,7 +9,7 @@ the pool means a thread never waits inside psycopg for a free connection.
 shielded ``move_on_after`` of a run's cleanup, the checkpoint's bound) is honoured even
 when PostgreSQL hangs (a lost host, a lock). The abandoned call keeps its limiter token
 and its connection until it ends, and it does end: connects, waits for a pooled
-connection, statements and a silent peer are all bounded (:data:`CONNECT_OPTIONS`).
+connection, statements and a silent peer are all bounded (:data:`CONNECT_DEFAULTS`).
 
 A fault of the server or the network becomes a :class:`StoreError` naming PostgreSQL and
 its host (never the password): the run registry ends runs that lose a checkpoint with an
@@ -19,6 +19,7 @@ its host (never the password): the run registry ends runs that lose a checkpoint
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Final, LiteralString, TypeVar
@@ -88,18 +89,27 @@ MIGRATION_LOCK: Final = 0x6E617669
 #: final save is a StoreError the registry retries, not a cancelled call.
 POOL_TIMEOUT_S: Final = 2.0
 
-#: Bounds on every connection: the connect, a statement, and a peer that stops answering
-#: (TCP keepalives, ``tcp_user_timeout`` in ms), so an abandoned worker thread ends.
-CONNECT_OPTIONS: Final[dict[str, Any]] = {
-    "connect_timeout": 3,
-    "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 2,
-    "keepalives_count": 3,
-    "tcp_user_timeout": 10_000,
-    "options": "-c statement_timeout=30000",
+#: Bounds on every connection: the connect, a peer that stops answering (TCP keepalives,
+#: ``tcp_user_timeout`` in ms) and a statement (:data:`SERVER_OPTIONS`), so an abandoned
+#: worker thread ends. What the URL sets itself wins.
+CONNECT_DEFAULTS: Final[dict[str, Any]] = {
+    "connect_timeout": "3",
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "10000",
     "application_name": "navi-trio",
 }
+#: Added to the URL's own ``options``.
+SERVER_OPTIONS: Final = "-c statement_timeout=30000"
+
+#: How long the start waits for the pool's first connection (the migration's connection
+#: has just succeeded, so this is a backstop).
+POOL_OPEN_TIMEOUT_S: Final = 10.0
+
+#: How often ``health()`` asks the server itself.
+HEALTH_CHECK_S: Final = 1.0
 
 #: Connections per process (and worker threads doing store calls at once).
 POOL_SIZE: Final = 4
@@ -117,8 +127,19 @@ def describe(url: str) -> str:
     return f"PostgreSQL at {host}:{port}/{dbname}"
 
 
+def conninfo(url: str) -> str:
+    """``url`` with :data:`CONNECT_DEFAULTS` for what it leaves unset, and
+    :data:`SERVER_OPTIONS` after its own ``options``. Raises ``psycopg.ProgrammingError``
+    for a URL that does not parse."""
+    params: dict[str, Any] = {**CONNECT_DEFAULTS, **psycopg.conninfo.conninfo_to_dict(url)}
+    params["options"] = f"{params.get('options') or ''} {SERVER_OPTIONS}".strip()
+    return psycopg.conninfo.make_conninfo("", **params)
+
+
 def _reason(exc: BaseException, password: str) -> str:
     """The first line of a psycopg message, the password blanked should it ever appear."""
+    if isinstance(exc, PoolTimeout):  # the pool's own words name a pool, not a cause
+        return "no connection could be made or taken from the pool in time"
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
     return text.replace(password, "***") if password else text
@@ -177,6 +198,7 @@ class PostgresStore:
         self._sessions = SessionCache()
         #: Why the database could not be reached on the last call, or None once it answers.
         self.unavailable: str | None = None
+        self._health_checked_at = -math.inf
 
     @classmethod
     async def open(cls, url: str, *, pool_timeout_s: float = POOL_TIMEOUT_S) -> PostgresStore:
@@ -189,17 +211,18 @@ class PostgresStore:
         where = describe(url)
         try:
             password = str(psycopg.conninfo.conninfo_to_dict(url).get("password") or "")
+            info = conninfo(url)
         except psycopg.ProgrammingError:
             raise StoreError(f"{where}: NAVI_DATABASE_URL must look like postgresql://user@host/dbname") from None
 
         def _open() -> ConnectionPool[Conn]:
-            with psycopg.connect(url, autocommit=True, **CONNECT_OPTIONS) as conn:
+            with psycopg.connect(info, autocommit=True) as conn:
                 migrate(conn)
             pool: ConnectionPool[Conn] = ConnectionPool(
-                url,
+                info,
                 min_size=1,
                 max_size=POOL_SIZE,
-                kwargs={"autocommit": True, **CONNECT_OPTIONS},
+                kwargs={"autocommit": True},
                 timeout=pool_timeout_s,
                 # A connection broken while idle (the server restarted) is found here and
                 # replaced, instead of failing the next checkpoint of a healthy run.
@@ -207,7 +230,7 @@ class PostgresStore:
                 open=False,
                 name="navi-trio",
             )
-            pool.open(wait=True, timeout=CONNECT_OPTIONS["connect_timeout"] + 2)
+            pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_S)
             return pool
 
         try:
@@ -239,6 +262,18 @@ class PostgresStore:
         except StoreError:
             return False
         return True
+
+    async def health(self) -> str | None:
+        """Asks the server at most every :data:`HEALTH_CHECK_S` (a load balancer's probes
+        must not take the pool from the runs); while it is down an ask takes up to the
+        pool's wait."""
+        now = trio.current_time()
+        if now - self._health_checked_at >= HEALTH_CHECK_S:
+            self._health_checked_at = now
+            await self.ping()
+        else:
+            await trio.lowlevel.checkpoint()
+        return self.unavailable
 
     async def create_session(self, session_id: str, title: str, user_id: str | None) -> SessionRecord:
         rec = SessionRecord(session_id, title, user_id, utc_now())

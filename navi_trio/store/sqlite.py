@@ -366,6 +366,10 @@ class SqliteStore:
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
 
+    async def health(self) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return None
+
     def close(self) -> None:
         """Close the connection. Synchronous and quick: safe in a cancelled ``finally``."""
         self._conn.close()

@@ -1,0 +1,169 @@
+"""The server on PostgreSQL (``NAVI_DATABASE_URL``), on a real PostgreSQL server.
+
+``navi-trio serve`` in a subprocess: runs, a stop and the history, all kept in
+PostgreSQL (read back with SQL and after a restart); an unreachable server is a startup
+failure that names it. In process (``open_server``): PostgreSQL stopped in the middle of
+a run and started again: the run ends with an ``error`` naming PostgreSQL, ``/healthz``
+answers 503 while it is down, the answer is saved once it is back, and the server goes
+on with no restart. Real clock only (subprocesses, a server, worker threads).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import trio
+
+from .helpers import assert_grammar, open_server, script, text_of
+from .pg import PASSWORD, PgServer, free_port, running_postgres
+from .test_cli import STARTUP_S, clean_env, http_client, navi_serve, spawn, ws_connect
+
+
+async def poll(condition: Callable[[], Awaitable[bool]], what: str, tries: int = 150) -> None:
+    """Until ``condition()`` holds, asking every 0.2 s: PostgreSQL coming back is outside
+    the server, and asking is the only way to see it. Bounded: fails after ``tries``."""
+    for _ in range(tries):
+        if await condition():
+            return
+        await trio.sleep(0.2)
+    raise AssertionError(f"never saw {what}")
+
+
+def rows(url: str) -> list[tuple[str, str, str]]:
+    with psycopg.connect(url) as conn:
+        return [
+            (r[0], r[1], r[2])
+            for r in conn.execute("SELECT role, status, content FROM messages ORDER BY ord").fetchall()
+        ]
+
+
+async def test_serve_on_postgres_streams_stops_and_keeps_the_history(tmp_path: Path, database_url: str) -> None:
+    data = tmp_path / "data"
+    env = clean_env(NAVI_DATABASE_URL=database_url, NAVI_GRACE_S="0.5")
+    slow = json.dumps({"script": [{"text": "partial "}, {"tool": "t", "delay": 60}]})
+    with trio.fail_after(2 * STARTUP_S + 40):
+        async with spawn(navi_serve(data), env, tmp_path) as srv:
+            url = await srv.wait_listening()
+            host, port = srv.host_port
+            async with http_client(url) as http:
+                assert (await http.get("/healthz")).json() == {"status": "ok"}
+                r = await http.post("/sessions", json={"title": "on postgres"})
+                assert r.status_code == 201, r.text
+                sid = r.json()["id"]
+                async with ws_connect(host, port, f"/ws/sessions/{sid}") as c:
+                    assert (await c.recv())["type"] == "session_sync"
+                    await c.send_message(script({"text": "hello "}, {"text": "world"}))
+                    done = await c.until_terminal()
+                    assert_grammar(done)
+                    assert (done[-1]["type"], text_of(done)) == ("stream_end", "hello world")
+                    await c.send_message(slow)
+                    got = await c.until("tool_started")
+                    await c.send({"type": "stop"})
+                    got += await c.until_terminal()
+                assert_grammar(got)
+                assert got[-1]["type"] == "stream_stopped" and got[-1]["reason"] == "user", got[-1]
+                r = await http.get(f"/sessions/{sid}/messages")
+                assert r.status_code == 200, r.text
+                history = [(m["role"], m["status"], m["content"]) for m in r.json()]
+            srv.signal(signal.SIGTERM)
+            assert await srv.wait_exit(15) == 0, srv.output
+        expected = [
+            ("user", "complete", script({"text": "hello "}, {"text": "world"})),
+            ("assistant", "complete", "hello world"),
+            ("user", "complete", slow),
+            ("assistant", "stopped", "partial "),
+        ]
+        assert history == expected
+        # It is in PostgreSQL, not in a SQLite file under the data dir ...
+        assert await trio.to_thread.run_sync(rows, database_url) == expected
+        assert not (data / "navi.sqlite3").exists()
+        assert PASSWORD not in srv.output
+        # ... and a new process on a new data dir serves the same history.
+        async with spawn(navi_serve(tmp_path / "elsewhere"), env, tmp_path) as srv:
+            url = await srv.wait_listening()
+            async with http_client(url) as http:
+                r = await http.get(f"/sessions/{sid}")
+                assert r.status_code == 200 and r.json()["title"] == "on postgres", r.text
+                r = await http.get(f"/sessions/{sid}/messages")
+                assert [(m["role"], m["status"], m["content"]) for m in r.json()] == expected
+            srv.signal(signal.SIGINT)
+            assert await srv.wait_exit(5) == 0, srv.output
+
+
+async def test_serve_with_postgres_unreachable_fails_to_start_naming_it(tmp_path: Path) -> None:
+    port = free_port()
+    secret = "Sup3r-secret"
+    env = clean_env(NAVI_DATABASE_URL=f"postgresql://navi:{secret}@127.0.0.1:{port}/navi")
+    with trio.fail_after(STARTUP_S + 20):
+        async with spawn(navi_serve(tmp_path / "data"), env, tmp_path) as srv:
+            code = await srv.wait_exit(STARTUP_S + 10)
+    assert code != 0, srv.output
+    assert f"PostgreSQL at 127.0.0.1:{port}/navi" in srv.output, srv.output
+    assert secret not in srv.output
+
+
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[PgServer]:
+    """A PostgreSQL server of this module's own, to stop and start again."""
+    with running_postgres() as server:
+        yield server
+
+
+async def test_postgres_lost_mid_run_then_back(tmp_path: Path, own_postgres: PgServer) -> None:
+    """PostgreSQL stops while a run streams: the next checkpoint fails, the run ends with
+    an ``error`` naming PostgreSQL, ``/healthz`` answers 503 and history reads 503. It
+    starts again: ``/healthz`` is 200, the refused answer (status ``error``, the text
+    streamed so far) is saved by the registry's retry, and a new run works, all with no
+    restart of the server."""
+    settings = {"store": "sqlite", "checkpoint_s": 0.2, "save_timeout_s": 2.0, "data_dir": tmp_path}
+    with own_postgres.database() as url, trio.fail_after(90):
+        async with open_server(database_url=url, **settings) as server:
+            sid = await server.new_session()
+            async with server.connect(sid) as c:
+                assert (await c.recv())["type"] == "session_sync"
+                await c.send_message(script({"text": "w ", "repeat": 400, "delay": 0.05}))
+                got = [await c.recv() for _ in range(6)]  # it streams
+                assert got[0]["type"] == "stream_start"
+                await trio.to_thread.run_sync(own_postgres.stop)
+                try:
+                    got += await c.until_terminal()
+                    assert_grammar(got)
+                    error = got[-1]
+                    assert error["type"] == "error", error
+                    where = f"PostgreSQL at 127.0.0.1:{own_postgres.port}/postgres"
+                    assert error["message"].startswith(f"Storage error: {where} is unavailable"), error
+                    assert PASSWORD not in error["message"]
+                    streamed = text_of(got)
+                    assert streamed.startswith("w w w")
+                    r = await server.http.get("/healthz")
+                    assert (r.status_code, r.json()) == (503, {"detail": "Storage is unavailable"})
+                    r = await server.http.get(f"/sessions/{sid}/messages")
+                    assert r.status_code == 503, r.text
+                finally:
+                    await trio.to_thread.run_sync(own_postgres.start)
+
+                async def healthy() -> bool:
+                    return (await server.http.get("/healthz")).status_code == 200
+
+                async def answer_saved() -> bool:  # the registry retries it every checkpoint tick
+                    r = await server.http.get(f"/sessions/{sid}/messages")
+                    return r.status_code == 200 and len(r.json()) == 2
+
+                await poll(healthy, "/healthz answering 200 again")
+                await poll(answer_saved, "the refused answer saved")
+                answer = (await server.http.get(f"/sessions/{sid}/messages")).json()[1]
+                assert (answer["status"], answer["content"]) == ("error", streamed)
+                await c.send_message(script({"text": "back again"}))
+                after = await c.until_terminal()
+                assert (after[-1]["type"], text_of(after)) == ("stream_end", "back again")
+            await server.no_run_left()
+            r = await server.http.get(f"/sessions/{sid}/messages")
+            assert [(m["status"], m["content"]) for m in r.json()][2:] == [
+                ("complete", script({"text": "back again"})),
+                ("complete", "back again"),
+            ]
