@@ -26,7 +26,7 @@ from navi_trio.auth import User
 from navi_trio.errors import StoreError
 from navi_trio.store import Answer, MemoryStore, NewRun, SqliteStore, Store
 from navi_trio.store.postgres import MIGRATIONS as PG_MIGRATIONS
-from navi_trio.store.postgres import PostgresStore
+from navi_trio.store.postgres import POOL_SIZE, PostgresStore
 
 from .pg import PgServer, free_port, opened_store, running_postgres, store_target
 
@@ -598,6 +598,7 @@ async def test_postgres_down_then_back(own_postgres: PgServer) -> None:
     again with no reopen."""
     with own_postgres.database() as url:
         async with await PostgresStore.open(url, pool_timeout_s=1.0) as store:
+            await warm_pool(store)
             await store.create_session("before", "t", None)
             run = new_run("before", "q")
             await store.begin_run(run)
@@ -612,6 +613,8 @@ async def test_postgres_down_then_back(own_postgres: PgServer) -> None:
                 assert str(refused.value).startswith(f"{where} is unavailable while saving the answer"), refused.value
                 assert store.unavailable is not None and store.unavailable.startswith(where)
                 assert not await store.ping()
+                problem = await store.health()
+                assert problem is not None and problem.startswith(where)
             finally:
                 await trio.to_thread.run_sync(own_postgres.start)
             with trio.fail_after(30):
@@ -623,4 +626,27 @@ async def test_postgres_down_then_back(own_postgres: PgServer) -> None:
                         await trio.sleep(0.2)
             assert store.unavailable is None
             assert await store.ping()
+            assert await store.health() is None
             assert [m.content for m in await store.list_messages("before")] == ["q", "kept"]
+            for _ in range(2 * POOL_SIZE):  # once one call works, no dead connection is left
+                assert await store.get_session("nope") is None
+
+
+async def warm_pool(store: PostgresStore) -> None:
+    """Make the pool hold all of its connections (four calls at once, each a while)."""
+    async with trio.open_nursery() as nursery:
+        for _ in range(POOL_SIZE):
+            nursery.start_soon(store._call, "warming the pool", lambda c: c.execute("SELECT pg_sleep(0.2)"))
+
+
+async def test_postgres_restarted_while_idle_fails_no_call(own_postgres: PgServer) -> None:
+    """PostgreSQL restarts while the pool's connections sit idle (no call noticed it):
+    the first calls afterwards work, none of them fails on a dead connection."""
+    with own_postgres.database() as url, trio.fail_after(60):
+        async with await PostgresStore.open(url) as store:
+            await warm_pool(store)
+            await trio.to_thread.run_sync(own_postgres.stop)
+            await trio.to_thread.run_sync(own_postgres.start)
+            for i in range(2 * POOL_SIZE):
+                await store.create_session(f"s{i}", "t", None)
+            assert len(await store.list_sessions(None)) == 2 * POOL_SIZE

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import select
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Final, LiteralString, TypeVar
@@ -224,9 +225,6 @@ class PostgresStore:
                 max_size=POOL_SIZE,
                 kwargs={"autocommit": True},
                 timeout=pool_timeout_s,
-                # A connection broken while idle (the server restarted) is found here and
-                # replaced, instead of failing the next checkpoint of a healthy run.
-                check=ConnectionPool.check_connection,
                 open=False,
                 name="navi-trio",
             )
@@ -239,10 +237,36 @@ class PostgresStore:
             raise StoreError(f"cannot use {where}: {_reason(exc, password)}") from None
         return cls(pool, where, password)
 
+    def _connection(self) -> Conn:
+        """In a worker thread: a pooled connection not known to be dead.
+
+        Why: after PostgreSQL restarts, every idle pooled connection is dead, and using
+        one fails the call (a checkpoint failing would end a healthy run). An idle
+        connection has nothing to read unless the server has since said something (its
+        ``FATAL`` goodbye, or EOF), so a zero-timeout poll of its socket tells, with no
+        round trip; only then is it asked (``SELECT``-less empty query). A dead one is
+        closed and given back (the pool replaces it) and the next is tried.
+        """
+        for _ in range(POOL_SIZE):
+            conn = self._pool.getconn()
+            if not select.select([conn.fileno()], [], [], 0)[0]:
+                return conn
+            try:
+                ConnectionPool.check_connection(conn)
+            except psycopg.Error:
+                conn.close()
+                self._pool.putconn(conn)
+            else:
+                return conn
+        return self._pool.getconn()  # every idle one was dead: this one is new
+
     async def _call(self, what: str, fn: Callable[[Conn], T]) -> T:
         def work() -> T:
-            with self._pool.connection() as conn:
+            conn = self._connection()
+            try:
                 return fn(conn)
+            finally:
+                self._pool.putconn(conn)
 
         try:
             result = await trio.to_thread.run_sync(work, limiter=self._limiter, abandon_on_cancel=True)
