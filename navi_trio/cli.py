@@ -7,6 +7,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -17,6 +18,9 @@ from .logs import configure_logging
 from .settings import Settings
 from .store.base import utc_now
 from .store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from .store.postgres import PostgresStore
 
 DATA_DIR_HELP = "where the database lives (NAVI_DATA_DIR, default ./navi-data)"
 
@@ -60,14 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _users(args: argparse.Namespace, settings: Settings) -> int:
-    """``navi-trio users ...`` against the SQLite database of ``settings.data_dir``.
+    """``navi-trio users ...`` against the server's database: PostgreSQL if
+    ``NAVI_DATABASE_URL`` is set, else the SQLite database of ``settings.data_dir``.
 
     A running server sees the change at once: it reads tokens from the database on every
     request, and closes a revoked user's connections within a second.
     """
     # Which database: a token made in another directory than the server's would never work.
-    print(f"navi-trio: data dir {settings.data_dir.resolve()}", file=sys.stderr)
-    async with await SqliteStore.open(settings.data_dir / "navi.sqlite3") as store:
+    store: SqliteStore | PostgresStore
+    if settings.database_url:
+        from .store.postgres import PostgresStore, describe
+
+        print(f"navi-trio: database {describe(settings.database_url)}", file=sys.stderr)
+        store = await PostgresStore.open(settings.database_url)
+    else:
+        print(f"navi-trio: data dir {settings.data_dir.resolve()}", file=sys.stderr)
+        store = await SqliteStore.open(settings.data_dir / "navi.sqlite3")
+    async with store:
         if args.users_command == "add":
             if not valid_user_name(args.name):
                 print(

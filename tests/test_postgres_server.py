@@ -19,9 +19,11 @@ import psycopg
 import pytest
 import trio
 
+from navi_trio.settings import Settings
+
 from .helpers import assert_grammar, open_server, script, text_of
 from .pg import PASSWORD, PgServer, free_port, running_postgres
-from .test_cli import STARTUP_S, clean_env, http_client, navi_serve, spawn, ws_connect
+from .test_cli import NAVI, STARTUP_S, clean_env, http_client, navi_serve, spawn, ws_connect
 
 
 async def poll(condition: Callable[[], Awaitable[bool]], what: str, tries: int = 150) -> None:
@@ -167,3 +169,49 @@ async def test_postgres_lost_mid_run_then_back(tmp_path: Path, own_postgres: PgS
                 ("complete", script({"text": "back again"})),
                 ("complete", "back again"),
             ]
+
+
+async def navi_users(env: dict[str, str], cwd: Path, *args: str) -> str:
+    """``navi-trio users ...``; its stdout (it must succeed)."""
+    result = await trio.run_process([NAVI, "users", *args], env=env, cwd=cwd, capture_stdout=True, capture_stderr=True)
+    return bytes(result.stdout).decode()
+
+
+async def test_users_on_postgres_are_the_servers_users(tmp_path: Path, database_url: str) -> None:
+    """``navi-trio users`` with ``NAVI_DATABASE_URL`` writes to PostgreSQL: the token it
+    prints works on a server on another data dir, and stops working once revoked."""
+    env = clean_env(NAVI_DATABASE_URL=database_url, NAVI_AUTH="required")
+    with trio.fail_after(2 * STARTUP_S + 30):
+        out = await navi_users(env, tmp_path, "--data-dir", str(tmp_path / "cli"), "add", "alice")
+        token = out.strip().splitlines()[-1]
+        assert token.startswith("nv_"), out
+        assert "alice\tuser\tactive" in await navi_users(env, tmp_path, "list")
+        async with spawn(navi_serve(tmp_path / "server"), env, tmp_path) as srv:
+            url = await srv.wait_listening()
+            async with http_client(url) as http:
+                auth = {"Authorization": f"Bearer {token}"}
+                assert (await http.get("/sessions", headers=auth)).status_code == 200
+                assert (await http.get("/sessions")).status_code == 401
+                await navi_users(env, tmp_path, "revoke", "alice")
+                assert (await http.get("/sessions", headers=auth)).status_code == 401
+            srv.signal(signal.SIGINT)
+            assert await srv.wait_exit(5) == 0, srv.output
+    assert not (tmp_path / "cli" / "navi.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "refusal"),
+    [
+        ({"NAVI_DATABASE_URL": "mysql://db/navi"}, "must be a postgresql:// URL"),
+        ({"NAVI_DATABASE_URL": "postgresql://db/navi", "NAVI_STORE": "memory"}, "contradict"),
+    ],
+)
+def test_database_url_is_checked_with_the_settings(env: dict[str, str], refusal: str) -> None:
+    with pytest.raises(ValueError, match=refusal):
+        Settings.from_env(env)
+
+
+def test_database_url_is_never_in_the_settings_repr() -> None:
+    settings = Settings.from_env({"NAVI_DATABASE_URL": f"postgresql://navi:{PASSWORD}@db/navi"})
+    assert settings.database_url.endswith("@db/navi")
+    assert PASSWORD not in repr(settings)
