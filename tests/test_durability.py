@@ -44,6 +44,7 @@ from navi_trio.store import Answer, MemoryStore, MessageRecord, NewRun, SqliteSt
 from navi_trio.store.sqlite import MIGRATIONS
 
 from .helpers import Client, Server, assert_grammar, open_server, script, task_names, text_of
+from .pg import opened_store, store_target
 from .test_cli import (
     HYPERCORN,
     HYPERCORN_URL,
@@ -500,13 +501,15 @@ async def test_server_checkpoints_running_answer_every_checkpoint_s(autojump_clo
             assert store.messages[sid][-1].content == "w " * 100
 
 
-@pytest.fixture(params=["sqlite", "memory"])
-async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = await SqliteStore.open(tmp_path / "navi.sqlite3") if request.param == "sqlite" else MemoryStore()
-    try:
+@pytest.fixture(params=["sqlite", "postgres", "memory"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return store_target(request)
+
+
+@pytest.fixture
+async def any_store(store_kind: str, tmp_path: Path) -> AsyncIterator[Store]:
+    async with opened_store(store_kind, tmp_path) as s:
         yield s
-    finally:
-        s.close()
 
 
 def new_run(session_id: str, content: str = "q") -> NewRun:
