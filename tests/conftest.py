@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
+from navi_trio.store import Store
+
 from .helpers import Server, open_server
-from .pg import PgServer, running_postgres
+from .pg import PgServer, opened_store, running_postgres, store_target
 
 
 @pytest.fixture
@@ -30,6 +33,19 @@ def database_url(postgres: PgServer) -> Iterator[str]:
     """The URL (with its password) of a new, empty PostgreSQL database for one test."""
     with postgres.database() as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres", "memory"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """``"sqlite"``, ``"memory"``, or the URL of a new PostgreSQL database."""
+    return store_target(request)
+
+
+@pytest.fixture
+async def any_store(store_kind: str, tmp_path: Path) -> AsyncIterator[Store]:
+    """Each store, open for the test: SQLite, PostgreSQL (a real server) and in memory."""
+    async with opened_store(store_kind, tmp_path) as s:
+        yield s
 
 
 @pytest.fixture

@@ -44,7 +44,6 @@ from navi_trio.store import Answer, MemoryStore, MessageRecord, NewRun, SqliteSt
 from navi_trio.store.sqlite import MIGRATIONS
 
 from .helpers import Client, Server, assert_grammar, open_server, script, task_names, text_of
-from .pg import opened_store, store_target
 from .test_cli import (
     HYPERCORN,
     HYPERCORN_URL,
@@ -499,17 +498,6 @@ async def test_server_checkpoints_running_answer_every_checkpoint_s(autojump_clo
             history = [(m.role, m.status) for m in store.messages[sid]]
             assert history == [("user", "complete"), ("assistant", "complete")]
             assert store.messages[sid][-1].content == "w " * 100
-
-
-@pytest.fixture(params=["sqlite", "postgres", "memory"])
-def store_kind(request: pytest.FixtureRequest) -> str:
-    return store_target(request)
-
-
-@pytest.fixture
-async def any_store(store_kind: str, tmp_path: Path) -> AsyncIterator[Store]:
-    async with opened_store(store_kind, tmp_path) as s:
-        yield s
 
 
 def new_run(session_id: str, content: str = "q") -> NewRun:

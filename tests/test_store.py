@@ -14,7 +14,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,32 +28,18 @@ from navi_trio.store import Answer, MemoryStore, NewRun, SqliteStore, Store
 from navi_trio.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from navi_trio.store.postgres import POOL_SIZE, PostgresStore
 
-from .pg import PgServer, free_port, opened_store, running_postgres, store_target
+from .pg import PgServer, free_port, opened_store, running_postgres
 
 T0 = "2026-01-01T00:00:00.000Z"
 
 
-@pytest.fixture(params=["sqlite", "postgres", "memory"])
-def target(request: pytest.FixtureRequest) -> str:
-    return store_target(request)
-
-
 @pytest.fixture
-async def store(target: str, tmp_path: Path) -> AsyncIterator[Store]:
-    async with opened_store(target, tmp_path) as s:
-        yield s
+def store(any_store: Store) -> Store:
+    return any_store  # SQLite, PostgreSQL and the memory store (conftest.py)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_target(request: pytest.FixtureRequest) -> str:
-    return store_target(request)
-
-
-@pytest.fixture
-async def db_store(db_target: str, tmp_path: Path) -> AsyncIterator[Store]:
-    """The stores with a database: a schema, constraints, a file or a server."""
-    async with opened_store(db_target, tmp_path) as s:
-        yield s
+#: For tests of the stores with a database (a schema, constraints, a file or a server).
+databases = pytest.mark.parametrize("store_kind", ["sqlite", "postgres"], indirect=True)
 
 
 def new_run(session_id: str, content: str, created_at: str = T0) -> NewRun:
@@ -256,12 +242,13 @@ async def test_begin_runs_of_several_sessions_in_one_call(store: Store) -> None:
         assert [m.content for m in await store.list_messages("c")] == ["q c", "r c"]
 
 
-async def test_begin_runs_for_a_deleted_session_fails_and_writes_nothing(db_store: Store) -> None:
+@databases
+async def test_begin_runs_for_a_deleted_session_fails_and_writes_nothing(any_store: Store) -> None:
     with trio.fail_after(10):
-        await db_store.create_session("kept", "t", None)
+        await any_store.create_session("kept", "t", None)
         with pytest.raises(StoreError, match="saving the user's message"):
-            await db_store.begin_runs([new_run("kept", "q"), new_run("gone", "q")])
-        assert await db_store.list_messages("kept") == []  # one transaction: all or nothing
+            await any_store.begin_runs([new_run("kept", "q"), new_run("gone", "q")])
+        assert await any_store.list_messages("kept") == []  # one transaction: all or nothing
 
 
 async def test_checkpoint_saves_running_answers_and_recovery_interrupts_them(store: Store) -> None:
@@ -333,15 +320,16 @@ async def test_users_and_tokens(store: Store) -> None:
 # -- SQLite only ---------------------------------------------------------------------------
 
 
-async def test_database_survives_reopen(db_target: str, tmp_path: Path) -> None:
+@databases
+async def test_database_survives_reopen(store_kind: str, tmp_path: Path) -> None:
     with trio.fail_after(10):
-        async with opened_store(db_target, tmp_path) as store:
+        async with opened_store(store_kind, tmp_path) as store:
             await store.create_session("s1", "kept", "alice")
             run = await play_run(store, "s1", "q1", "r1")
             await store.save_answer(
                 answer(run, "complete", "r1", "th", [{"tool": "x", "args": {"a": 1}, "result": "ok", "success": True}])
             )
-        async with opened_store(db_target, tmp_path) as store:
+        async with opened_store(store_kind, tmp_path) as store:
             rec = await store.get_session("s1")
             assert rec is not None
             assert (rec.title, rec.user_id) == ("kept", "alice")
@@ -447,24 +435,25 @@ def hold_table_lock(url: str, held: trio.Event, hold_s: float) -> None:
         time.sleep(hold_s)  # a real client holding the lock (this thread, not the loop)
 
 
-async def hold_lock(nursery: trio.Nursery, db_target: str, tmp_path: Path, hold_s: float) -> None:
+async def hold_lock(nursery: trio.Nursery, store_kind: str, tmp_path: Path, hold_s: float) -> None:
     """Lock the sessions table from another connection for ``hold_s``; return once held."""
     held = trio.Event()
-    if db_target == "sqlite":
+    if store_kind == "sqlite":
         nursery.start_soon(trio.to_thread.run_sync, hold_write_lock, tmp_path / "data" / "navi.sqlite3", held, hold_s)
     else:
-        nursery.start_soon(trio.to_thread.run_sync, hold_table_lock, db_target, held, hold_s)
+        nursery.start_soon(trio.to_thread.run_sync, hold_table_lock, store_kind, held, hold_s)
     await held.wait()
 
 
-async def test_database_never_blocks_the_event_loop(db_target: str, tmp_path: Path) -> None:
+@databases
+async def test_database_never_blocks_the_event_loop(store_kind: str, tmp_path: Path) -> None:
     """While a store call waits ~0.3 s on a lock, another trio task keeps running."""
     hold_s = 0.3
     with trio.fail_after(20):
-        async with opened_store(db_target, tmp_path) as store:
+        async with opened_store(store_kind, tmp_path) as store:
             ticks: list[float] = []
             async with trio.open_nursery() as nursery:
-                await hold_lock(nursery, db_target, tmp_path, hold_s)
+                await hold_lock(nursery, store_kind, tmp_path, hold_s)
 
                 async def ticker() -> None:
                     while True:
@@ -484,14 +473,15 @@ async def test_database_never_blocks_the_event_loop(db_target: str, tmp_path: Pa
             assert {s.id for s in await store.list_sessions(None)} == {"locker", "mine"}
 
 
-async def test_database_time_bound_honoured_while_locked(db_target: str, tmp_path: Path) -> None:
+@databases
+async def test_database_time_bound_honoured_while_locked(store_kind: str, tmp_path: Path) -> None:
     """A caller's deadline is honoured even while the database waits on a lock, and the
     abandoned call does not overlap the next one: SQLite's limiter holds until it ends;
     PostgreSQL's next call waits for the same lock, then both are in."""
     with trio.fail_after(20):
-        async with opened_store(db_target, tmp_path) as store:
+        async with opened_store(store_kind, tmp_path) as store:
             async with trio.open_nursery() as nursery:
-                await hold_lock(nursery, db_target, tmp_path, 0.5)
+                await hold_lock(nursery, store_kind, tmp_path, 0.5)
                 t0 = trio.current_time()
                 with trio.move_on_after(0.05) as scope:
                     await store.create_session("abandoned", "t", None)
