@@ -28,7 +28,7 @@ from navi_trio.store import Answer, MemoryStore, NewRun, SqliteStore, Store
 from navi_trio.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from navi_trio.store.postgres import POOL_SIZE, PostgresStore
 
-from .pg import PgServer, free_port, opened_store, running_postgres
+from .pg import PASSWORD, PgServer, free_port, opened_store, running_postgres
 
 T0 = "2026-01-01T00:00:00.000Z"
 
@@ -582,10 +582,10 @@ def own_postgres() -> Iterator[PgServer]:
         yield server
 
 
-async def test_postgres_down_then_back(own_postgres: PgServer) -> None:
+async def test_postgres_down_then_back(own_postgres: PgServer, log_events: list[dict[str, Any]]) -> None:
     """Stopped: each call fails soon (within the pool's wait) with a StoreError naming
-    PostgreSQL and its host, and ``unavailable`` says so. Started again: the store works
-    again with no reopen."""
+    PostgreSQL and its host, and ``unavailable`` says so; the outage is logged once.
+    Started again: the store works again with no reopen, and says so in the log."""
     with own_postgres.database() as url:
         async with await PostgresStore.open(url, pool_timeout_s=1.0) as store:
             await warm_pool(store)
@@ -620,6 +620,10 @@ async def test_postgres_down_then_back(own_postgres: PgServer) -> None:
             assert [m.content for m in await store.list_messages("before")] == ["q", "kept"]
             for _ in range(2 * POOL_SIZE):  # once one call works, no dead connection is left
                 assert await store.get_session("nope") is None
+    where = f"PostgreSQL at 127.0.0.1:{own_postgres.port}/postgres"
+    outage = [(e["event"], e["database"]) for e in log_events if e["event"].startswith("store.database_")]
+    assert outage == [("store.database_unavailable", where), ("store.database_back", where)]
+    assert not any(PASSWORD in str(e) for e in log_events)
 
 
 async def warm_pool(store: PostgresStore) -> None:

@@ -19,6 +19,7 @@ its host (never the password): the run registry ends runs that lose a checkpoint
 from __future__ import annotations
 
 import json
+import logging
 import math
 import select
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from typing import Any, Final, LiteralString, TypeVar
 import psycopg
 import psycopg.conninfo
 import psycopg.errors
+import structlog
 import trio
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -37,6 +39,10 @@ from .base import Answer, MessageRecord, NewRun, SessionRecord, utc_now
 from .cache import SessionCache
 
 T = TypeVar("T")
+log = structlog.get_logger("navi_trio.store.postgres")
+# psycopg_pool logs each failed reconnect through the standard library, in plain text,
+# outside our structured log: the store logs the outage once, and its end, instead.
+logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 #: Schema migrations, in order; ``schema_version`` records how many have run. They run at
@@ -273,10 +279,14 @@ class PostgresStore:
         except (psycopg.Error, PoolTimeout) as exc:
             reason = _reason(exc, self._password)
             if _is_unavailable(exc):
+                if self.unavailable is None:
+                    log.error("store.database_unavailable", database=self._where, reason=reason, during=what)
                 self.unavailable = f"{self._where} is unavailable: {reason}"
                 raise StoreError(f"{self._where} is unavailable while {what}: {reason}") from exc
             raise StoreError(f"database error while {what}: {reason}") from exc
-        self.unavailable = None
+        if self.unavailable is not None:
+            log.info("store.database_back", database=self._where)
+            self.unavailable = None
         return result
 
     async def ping(self) -> bool:
