@@ -644,3 +644,15 @@ async def test_postgres_restarted_while_idle_fails_no_call(own_postgres: PgServe
             for i in range(2 * POOL_SIZE):
                 await store.create_session(f"s{i}", "t", None)
             assert len(await store.list_sessions(None)) == 2 * POOL_SIZE
+
+
+async def test_postgres_calls_after_close_are_store_errors(database_url: str) -> None:
+    """A call that comes after ``close()`` (an abandoned worker, a request during
+    shutdown) gets a StoreError saying so, and health reports it."""
+    with trio.fail_after(20):
+        store = await PostgresStore.open(database_url)
+        store.close()
+        with pytest.raises(StoreError, match=r"is unavailable while listing sessions: the store is closed"):
+            await store.list_sessions(None)
+        problem = await store.health()
+        assert problem is not None and problem.endswith("the store is closed")

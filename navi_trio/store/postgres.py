@@ -31,7 +31,7 @@ import psycopg.conninfo
 import psycopg.errors
 import structlog
 import trio
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from ..auth import User, digests_equal
 from ..errors import StoreError
@@ -147,6 +147,8 @@ def _reason(exc: BaseException, password: str) -> str:
     """The first line of a psycopg message, the password blanked should it ever appear."""
     if isinstance(exc, PoolTimeout):  # the pool's own words name a pool, not a cause
         return "no connection could be made or taken from the pool in time"
+    if isinstance(exc, PoolClosed):
+        return "the store is closed"
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
     return text.replace(password, "***") if password else text
@@ -154,9 +156,20 @@ def _reason(exc: BaseException, password: str) -> str:
 
 def _is_unavailable(exc: BaseException) -> bool:
     """The server or the network failed (as opposed to a statement the database refused)."""
-    return isinstance(exc, PoolTimeout | psycopg.OperationalError) and not isinstance(
+    return isinstance(exc, psycopg.OperationalError) and not isinstance(
         exc, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable
     )
+
+
+def _alive(conn: Conn) -> bool:
+    """False if the server has closed this idle connection (see ``PostgresStore._connection``)."""
+    try:
+        if not select.select([conn.fileno()], [], [], 0)[0]:
+            return True
+        ConnectionPool.check_connection(conn)
+    except (psycopg.Error, OSError, ValueError):
+        return False
+    return True
 
 
 def migrate(conn: Conn) -> int:
@@ -255,15 +268,10 @@ class PostgresStore:
         """
         for _ in range(POOL_SIZE):
             conn = self._pool.getconn()
-            if not select.select([conn.fileno()], [], [], 0)[0]:
+            if _alive(conn):
                 return conn
-            try:
-                ConnectionPool.check_connection(conn)
-            except psycopg.Error:
-                conn.close()
-                self._pool.putconn(conn)
-            else:
-                return conn
+            conn.close()
+            self._pool.putconn(conn)
         return self._pool.getconn()  # every idle one was dead: this one is new
 
     async def _call(self, what: str, fn: Callable[[Conn], T]) -> T:
@@ -276,7 +284,7 @@ class PostgresStore:
 
         try:
             result = await trio.to_thread.run_sync(work, limiter=self._limiter, abandon_on_cancel=True)
-        except (psycopg.Error, PoolTimeout) as exc:
+        except psycopg.Error as exc:  # the pool's errors too (PoolTimeout, PoolClosed)
             reason = _reason(exc, self._password)
             if _is_unavailable(exc):
                 if self.unavailable is None:
