@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from navi_trio.settings import Settings
+from navi_trio.store.postgres import MIGRATIONS
 
 from .helpers import assert_grammar, open_server, script, text_of
 from .pg import PASSWORD, PgServer, free_port, running_postgres
@@ -95,6 +96,36 @@ async def test_serve_on_postgres_streams_stops_and_keeps_the_history(tmp_path: P
                 assert [(m["role"], m["status"], m["content"]) for m in r.json()] == expected
             srv.signal(signal.SIGINT)
             assert await srv.wait_exit(5) == 0, srv.output
+
+
+async def test_three_processes_starting_at_once_on_a_new_database(tmp_path: Path, database_url: str) -> None:
+    """Three ``navi-trio serve`` processes start at the same moment on one empty database:
+    the migration runs once under its advisory lock, and every process starts and serves."""
+    env = clean_env(NAVI_DATABASE_URL=database_url)
+    with trio.fail_after(3 * STARTUP_S + 30):
+        async with (
+            spawn(navi_serve(tmp_path / "a"), env, tmp_path) as a,
+            spawn(navi_serve(tmp_path / "b"), env, tmp_path) as b,
+            spawn(navi_serve(tmp_path / "c"), env, tmp_path) as c,
+        ):
+            for srv in (a, b, c):
+                url = await srv.wait_listening()
+                async with http_client(url) as http:
+                    r = await http.get("/healthz")
+                    assert (r.status_code, r.json()) == (200, {"status": "ok"}), srv.output
+                    assert (await http.post("/sessions", json={})).status_code == 201
+            for srv in (a, b, c):
+                srv.signal(signal.SIGTERM)
+                assert await srv.wait_exit(15) == 0, srv.output
+
+    def version_and_sessions() -> tuple[list[tuple[int]], int]:
+        with psycopg.connect(database_url) as conn:
+            versions = conn.execute("SELECT version FROM schema_version").fetchall()
+            row = conn.execute("SELECT count(*) FROM sessions").fetchone()
+            assert row is not None
+            return versions, int(row[0])
+
+    assert await trio.to_thread.run_sync(version_and_sessions) == ([(len(MIGRATIONS),)], 3)
 
 
 async def test_serve_with_postgres_unreachable_fails_to_start_naming_it(tmp_path: Path) -> None:
