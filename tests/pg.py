@@ -20,6 +20,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -183,3 +184,11 @@ async def opened_store(target: str, tmp_path: Path) -> AsyncIterator[Store]:
         yield store
     finally:
         store.close()
+
+
+def server_settings(target: str, data_dir: Path) -> dict[str, Any]:
+    """``open_server`` settings for the store ``target`` names (see :func:`store_target`):
+    its SQLite file is the one :func:`opened_store` opens for the same ``data_dir``'s parent."""
+    if target in ("sqlite", "memory"):
+        return {"store": target, "data_dir": data_dir}
+    return {"store": "sqlite", "data_dir": data_dir, "database_url": target}

@@ -31,7 +31,7 @@ from navi_trio.auth import User, hash_token, new_token
 from navi_trio.store.base import utc_now
 
 from .helpers import Client, Server, assert_grammar, open_server, script
-from .pg import store_target
+from .pg import server_settings
 from .test_cli import (
     HYPERCORN,
     HYPERCORN_URL,
@@ -390,18 +390,10 @@ async def _closed_within(c: Client, started: float, out: dict[str, Any], key: st
     out[key] = (code, trio.current_time() - started)
 
 
-@pytest.fixture(params=["sqlite", "postgres", "memory"])
-def store_settings(request: pytest.FixtureRequest) -> dict[str, str]:
-    """``open_server`` settings for each store (PostgreSQL: a new database of its own)."""
-    target = store_target(request)
-    return {"store": request.param} if target == request.param else {"store": "sqlite", "database_url": target}
-
-
-async def test_revocation_closes_open_websockets_4003_and_token_then_fails(
-    tmp_path: Path, store_settings: dict[str, str]
-) -> None:
+async def test_revocation_closes_open_websockets_4003_and_token_then_fails(tmp_path: Path, store_kind: str) -> None:
+    settings = server_settings(store_kind, tmp_path)
     with trio.fail_after(15):
-        async with open_world("required", tmp_path, **store_settings) as w:
+        async with open_world("required", **settings) as w:
             alice, bob = w.tokens["alice"], w.tokens["bob"]
             async with (
                 w.ws(w.sids["alice"], headers=ws_headers(f"Bearer {alice}")) as by_header,

@@ -44,6 +44,7 @@ from navi_trio.store import Answer, MemoryStore, MessageRecord, NewRun, SqliteSt
 from navi_trio.store.sqlite import MIGRATIONS
 
 from .helpers import Client, Server, assert_grammar, open_server, script, task_names, text_of
+from .pg import opened_store, server_settings
 from .test_cli import (
     HYPERCORN,
     HYPERCORN_URL,
@@ -551,14 +552,14 @@ async def test_sqlite_checkpoint_of_many_answers_is_one_transaction(tmp_path: Pa
                 assert (msgs[1].status, msgs[1].content) == ("interrupted", f"text {i}")
 
 
-# -- 2. restart recovery (SQLite, in process) ---------------------------------------------
+# -- 2. restart recovery (SQLite and PostgreSQL, in process) ------------------------------
 
 
-async def test_answers_left_running_are_interrupted_after_restart(tmp_path: Path) -> None:
-    path = tmp_path / "navi.sqlite3"
+@pytest.mark.parametrize("store_kind", ["sqlite", "postgres"], indirect=True)
+async def test_answers_left_running_are_interrupted_after_restart(tmp_path: Path, store_kind: str) -> None:
     with trio.fail_after(30):
         # Closed with no final save: as after a hard kill.
-        async with await SqliteStore.open(path) as store:
+        async with opened_store(store_kind, tmp_path) as store:
             await store.create_session("checkpointed", "t", None)
             cp = new_run("checkpointed", "question one")
             await store.begin_run(cp)
@@ -571,7 +572,7 @@ async def test_answers_left_running_are_interrupted_after_restart(tmp_path: Path
             await store.begin_run(done)
             await store.save_answer(answer(done, "complete", "all of it"))
 
-        async with open_server(store="sqlite", data_dir=tmp_path) as server:
+        async with open_server(**server_settings(store_kind, tmp_path / "data")) as server:
 
             async def history(sid: str) -> list[tuple[str, str, str]]:
                 r = await server.http.get(f"/sessions/{sid}/messages")
