@@ -25,6 +25,7 @@ from navi_trio.store.postgres import MIGRATIONS
 from .helpers import assert_grammar, open_server, script, text_of
 from .pg import PASSWORD, PgServer, free_port, running_postgres
 from .test_cli import NAVI, STARTUP_S, clean_env, http_client, navi_serve, spawn, ws_connect
+from .test_startup import assert_one_line_failure, run
 
 
 async def poll(condition: Callable[[], Awaitable[bool]], what: str, tries: int = 150) -> None:
@@ -129,15 +130,13 @@ async def test_three_processes_starting_at_once_on_a_new_database(tmp_path: Path
 
 
 async def test_serve_with_postgres_unreachable_fails_to_start_naming_it(tmp_path: Path) -> None:
+    """One line naming the server (host, port, database), never the password; no URL."""
     port = free_port()
     secret = "Sup3r-secret"
-    env = clean_env(NAVI_DATABASE_URL=f"postgresql://navi:{secret}@127.0.0.1:{port}/navi")
-    with trio.fail_after(STARTUP_S + 20):
-        async with spawn(navi_serve(tmp_path / "data"), env, tmp_path) as srv:
-            code = await srv.wait_exit(STARTUP_S + 10)
-    assert code != 0, srv.output
-    assert f"PostgreSQL at 127.0.0.1:{port}/navi" in srv.output, srv.output
-    assert secret not in srv.output
+    url = f"postgresql://navi:{secret}@127.0.0.1:{port}/navi"
+    result = await run(navi_serve(tmp_path / "data"), tmp_path, NAVI_DATABASE_URL=url)
+    line = assert_one_line_failure(result, f"cannot use PostgreSQL at 127.0.0.1:{port}/navi", "refused")
+    assert secret not in line and secret.encode() not in result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +202,9 @@ async def test_postgres_lost_mid_run_then_back(tmp_path: Path, own_postgres: PgS
 
 
 async def navi_users(env: dict[str, str], cwd: Path, *args: str) -> str:
-    """``navi-trio users ...``; its stdout (it must succeed)."""
+    """``navi-trio users ...``; its stdout (it must succeed, and say which database it used)."""
     result = await trio.run_process([NAVI, "users", *args], env=env, cwd=cwd, capture_stdout=True, capture_stderr=True)
+    assert bytes(result.stderr).decode().startswith("navi-trio: database PostgreSQL at 127.0.0.1:"), result.stderr
     return bytes(result.stdout).decode()
 
 
