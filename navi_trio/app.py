@@ -23,10 +23,12 @@ from .connection import CLOSE_DENIED, CLOSE_NOT_FOUND, CLOSE_POLICY, CLOSE_RESTA
 from .errors import NaviError
 from .http import HttpApi
 from .logs import guard_hypercorn_loggers
+from .metrics import Metrics
 from .protocol_routes import ProtocolRoutes
 from .runs import RunRegistry
 from .settings import Settings
 from .store import find_session, open_store
+from .tracing import from_env as tracing_from_env
 
 if TYPE_CHECKING:
     from .asgi_types import Receive, Scope, Send
@@ -116,6 +118,8 @@ class NaviApp:
         except* Exception as group:
             error = _first_error(group)
         if error is None:
+            if self.services is not None:
+                self.services.registry.metrics.close()
             log.info("server.stopped")
             await send({"type": "lifespan.shutdown.complete"})
         elif not started:
@@ -133,7 +137,8 @@ class NaviApp:
         # One shared timer for paced runs and every connection's heartbeat.
         pacer = Pacer()
         server_nursery.start_soon(pacer.serve)
-        agent = make_agent(settings, pacer=pacer)
+        metrics = Metrics(settings.agent, tracing_from_env())
+        agent = make_agent(settings, pacer=pacer, metrics=metrics)
         registry = RunRegistry(
             server_nursery,
             store,
@@ -141,12 +146,14 @@ class NaviApp:
             save_timeout_s=settings.save_timeout_s,
             max_queued_runs=settings.max_queued_runs,
             max_run_events=settings.max_run_events,
+            metrics=metrics,
         )
         recovered = await store.recover_interrupted()
         if recovered:
             log.warning("store.recovered_interrupted_answers", count=recovered)
         server_nursery.start_soon(registry.serve_checkpoints, settings.checkpoint_s)
         server_nursery.start_soon(registry.serve_revocations, REVOCATION_POLL_S)
+        server_nursery.start_soon(metrics.serve_sync, registry)
         services = Services(settings, registry, pacer, health=self.health)
         scope["state"][STATE_KEY] = services
         self.services = services
@@ -230,20 +237,24 @@ class NaviApp:
                 registry.store, settings.auth, bearer_token(scope["headers"], _first(query, "token"))
             )
         except AuthError as exc:
+            registry.metrics.refused("auth")
             await close(CLOSE_DENIED, str(exc))
             return None
         m = _WS_PATH.match(scope["path"])
         session = await find_session(registry.store, m["sid"]) if m else None
         if session is None:
+            registry.metrics.refused("not_found")
             await close(CLOSE_NOT_FOUND, "Session not found")
             return None
         try:
             check_access(session, user)
         except (AuthError, AccessDenied) as exc:
+            registry.metrics.refused("forbidden")
             await close(CLOSE_DENIED, str(exc))
             return None
         user_id = user.id if user else None
         if user_id is not None and registry.connections_of(user_id) >= settings.max_connections_per_user:
+            registry.metrics.refused("limit")
             await close(CLOSE_POLICY, f"Too many connections (max {settings.max_connections_per_user} per user)")
             return None
         conn = Connection(

@@ -171,6 +171,7 @@ class Connection:
         """
         structlog.contextvars.bind_contextvars(conn_id=self.id, session_id=self.session_id, user_id=self.user_id)
         log.info("ws.open")
+        self.registry.metrics.tally.websockets += 1
         try:
             with self._outbox_send, self._outbox_recv:
                 async with trio.open_nursery() as nursery:
@@ -193,6 +194,7 @@ class Connection:
             raise
         finally:
             self._detach()
+            self.registry.metrics.tally.websockets -= 1
             log.info("ws.closed")
 
     def _attach(self, resume_run_id: str | None, resume_after: int | None) -> None:
@@ -230,6 +232,7 @@ class Connection:
         send = self._send
         recv = self._outbox_recv
         lagging = self.lagging
+        tally = self.registry.metrics.tally
         pending: OutboxItem = None
         item: OutboxItem
         while True:
@@ -247,7 +250,11 @@ class Connection:
                 # and its traceback alive as long as the connection is idle (~400 bytes).
                 if empty:
                     if lagging:
-                        item = lagging[0].next_catch_up_frame()
+                        sub = lagging[0]
+                        seen = sub.queued
+                        item = sub.next_catch_up_frame()
+                        if sub.queued - seen > 1:  # several events of the log in one frame
+                            tally.frames_merged += 1
                         if item is None:
                             del lagging[0]
                             continue
@@ -266,7 +273,10 @@ class Connection:
                 frame = item.wire
             else:
                 frame, pending = _coalesce(item, recv)
+                if frame is not item.wire:
+                    tally.frames_merged += 1
             await send({"type": "websocket.send", "text": frame})
+            tally.frames_sent += 1
             self.last_send = trio.current_time()
 
     async def _heartbeat(self) -> None:
@@ -275,7 +285,8 @@ class Connection:
             now = trio.current_time()
             due = self.last_send + hb
             if now >= due:
-                self.offer(HEARTBEAT)  # a full outbox means we are sending anyway
+                if self.offer(HEARTBEAT):  # a full outbox means we are sending anyway
+                    self.registry.metrics.tally.heartbeats_sent += 1
                 self.last_send = now
                 due = now + hb
             await self._pacer.sleep_until(due)

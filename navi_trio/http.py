@@ -7,11 +7,13 @@ a 500 with a stack trace: unexpected errors are logged and answered with a gener
 
 from __future__ import annotations
 
+import hmac
 import re
 import uuid
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
+import attrs
 import orjson
 import structlog
 import trio
@@ -37,6 +39,7 @@ MAX_TITLE: Final = 500
 _SESSION_ID = r"(?P<sid>[A-Za-z0-9_-]{1,64})"
 ROUTES: Final = [
     (re.compile(r"^/healthz$"), "healthz"),
+    (re.compile(r"^/metrics$"), "metrics"),
     (re.compile(r"^/sessions$"), "sessions"),
     (re.compile(rf"^/sessions/{_SESSION_ID}$"), "session"),
     (re.compile(rf"^/sessions/{_SESSION_ID}/messages$"), "messages"),
@@ -51,6 +54,14 @@ ROUTES: Final = [
 STREAMED: Final = 0
 
 
+@attrs.frozen
+class RawBody:
+    """A body that is not JSON (the metrics exposition)."""
+
+    content: bytes
+    content_type: str
+
+
 class HTTPError(Exception):
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
@@ -59,10 +70,13 @@ class HTTPError(Exception):
 
 
 async def _send_json(send: Send, status: int, body: Any) -> None:
-    payload = b"" if body is None else orjson.dumps(body)
+    if isinstance(body, RawBody):
+        payload, content_type = body.content, body.content_type.encode()
+    else:
+        payload, content_type = b"" if body is None else orjson.dumps(body), b"application/json"
     headers = [(b"content-length", str(len(payload)).encode())]
     if body is not None:
-        headers.append((b"content-type", b"application/json"))
+        headers.append((b"content-type", content_type))
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -152,6 +166,8 @@ class HttpApi:
                     return 503, {"detail": "Storage is unavailable"}
                 return 200, {"status": "ok"}
             raise HTTPError(405, "Method Not Allowed")
+        if name == "metrics":
+            return self.metrics(method, scope)
         user = await self._caller(scope)
         if self.protocols is not None and name in ("ai_chat", "ai_chat_stream", "ag_ui"):
             return await self.protocols.serve(name, method, sid, scope, receive, send, user)
@@ -188,6 +204,20 @@ class HttpApi:
             raise HTTPError(404, "Session not found")
         check_access(session, user)
         return session
+
+    def metrics(self, method: str, scope: Scope) -> tuple[int, Any]:
+        """``GET /metrics`` (CONTRACT section 12): no user token; with ``NAVI_METRICS_TOKEN``
+        set, that token and no other."""
+        if method != "GET":
+            raise HTTPError(405, "Method Not Allowed")
+        expected = self.settings.metrics_token
+        if expected:
+            given = bearer_token(scope["headers"]) or ""
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                raise AuthError("A valid metrics token is required")
+        accept = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"accept"), "")
+        content, content_type = self.registry.metrics.render(self.registry, accept)
+        return 200, RawBody(content, content_type)
 
     async def create_session(self, receive: Receive, user: User | None) -> tuple[int, Any]:
         raw = await read_body(receive, MAX_JSON_BODY)

@@ -23,6 +23,7 @@ import trio
 
 from .errors import AgentError, QueueFull, RunAlreadyActive, ShuttingDown, StoreError
 from .events import REPLAY_END, SESSION_SYNC, Event, RunLog, count_frames, replay_start_frame
+from .metrics import Metrics
 from .store.base import Answer, NewRun, utc_now
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class RunRequest:
     files: list[str] = attrs.field(factory=list)
     #: This session's upload folder (tools read only there).
     upload_dir: Path | None = None
+    #: When the message arrived, on trio's clock (time to first delta is measured from it).
+    received_at: float = attrs.field(factory=lambda: _now())
 
     def saved_as(self, answer_id: str) -> NewRun:
         """What the store keeps of this message: the user's message and the id of its
@@ -316,6 +319,24 @@ class Run:
         )
 
 
+def _now() -> float:
+    try:
+        return trio.current_time()
+    except RuntimeError:  # built outside a trio run (a unit test): no arrival time
+        return float("nan")
+
+
+def answer_status(run: Run) -> str:
+    """The status a run's answer is saved with, from its terminal event (and stop reason)."""
+    terminal = run.log.terminal
+    assert terminal is not None
+    if terminal.type == "stream_end":
+        return "complete"
+    if terminal.type == "error":
+        return "error"
+    return STATUS_FOR_REASON.get(run.stop_reason or "user", "stopped")
+
+
 class RunRegistry:
     """The server's runs: at most one active run per session, plus a bounded queue.
 
@@ -332,8 +353,10 @@ class RunRegistry:
         save_timeout_s: float = 5.0,
         max_queued_runs: int = 4,
         max_run_events: int = 200_000,
+        metrics: Metrics | None = None,
     ) -> None:
         self._nursery = server_nursery
+        self.metrics = metrics if metrics is not None else Metrics()
         self.store = store
         self._agent = agent
         self._save_timeout_s = save_timeout_s
@@ -367,6 +390,14 @@ class RunRegistry:
     @property
     def runs(self) -> list[Run]:
         return list(self._active.values())
+
+    @property
+    def queued_count(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
+    @property
+    def unsaved_count(self) -> int:
+        return len(self._unsaved)
 
     async def current(self, session_id: str) -> Run | None:
         """The session's active run as a client sees it: a run whose terminal event is
@@ -509,10 +540,12 @@ class RunRegistry:
         Cancellation: the run is cancelled before any wait, so a cancel of the caller
         only ends the wait; the run still ends and saves in its own shielded cleanup.
         """
+        asked_at = trio.current_time()
         run = await self.current(session_id)
         if run is not None:
             run.cancel("user")  # no checkpoint since current(): still the active run
             await run.done.wait()
+            self.metrics.stop_answered(asked_at)
         return run
 
     def forget_session(self, session_id: str) -> None:
@@ -537,6 +570,7 @@ class RunRegistry:
         )
         req = run.request
         log.info("run.started")
+        self.metrics.run_began(run)
         try:
             if getattr(self._agent, "wants_history", False):
                 run.store = self.store
@@ -603,7 +637,8 @@ class RunRegistry:
                 errors: list[StoreError | None] = [None] * len(batch)
                 with trio.move_on_after(self._save_timeout_s, shield=True) as scope:
                     try:
-                        await self.store.begin_runs([b[0] for b in batch])
+                        with self.metrics.store_op("begin"):
+                            await self.store.begin_runs([b[0] for b in batch])
                     except StoreError as exc:
                         if len(batch) == 1:
                             errors[0] = exc
@@ -630,17 +665,11 @@ class RunRegistry:
 
         Cancellation: called only inside the shielded, time-bounded scope of ``_run_task``.
         """
-        terminal = run.log.terminal
-        assert terminal is not None
-        if terminal.type == "stream_end":
-            status = "complete"
-        elif terminal.type == "error":
-            status = "error"
-        else:
-            status = STATUS_FOR_REASON.get(run.stop_reason or "user", "stopped")
+        status = answer_status(run)
         answer = run.answer(status)
         try:
-            await self.store.save_answer(answer)
+            with self.metrics.store_op("save"):
+                await self.store.save_answer(answer)
         except StoreError as exc:
             log.error("run.save_failed", error=str(exc), retry_every_s="checkpoint interval")
             self._unsaved[answer.id] = answer
@@ -661,6 +690,7 @@ class RunRegistry:
                 else:
                     sub.fall_behind()
         run.subscribers.clear()  # lagging readers keep the run through their Subscriber
+        self.metrics.run_ended(run, answer_status(run))
         run.done.set()
         queue = self._queues.get(sid)
         if queue:
@@ -700,7 +730,7 @@ class RunRegistry:
                 continue
             changes = [r.log.answer_changes for r in dirty]
             try:
-                with trio.move_on_after(self._save_timeout_s) as scope:
+                with trio.move_on_after(self._save_timeout_s) as scope, self.metrics.store_op("checkpoint"):
                     await self.store.checkpoint([r.answer("running") for r in dirty])
                 if scope.cancelled_caught:
                     raise StoreError("timed out saving answers in progress")
@@ -715,7 +745,7 @@ class RunRegistry:
     async def _retry_unsaved(self) -> None:
         for answer_id, answer in list(self._unsaved.items()):
             try:
-                with trio.move_on_after(self._save_timeout_s):
+                with trio.move_on_after(self._save_timeout_s), self.metrics.store_op("save"):
                     await self.store.save_answer(answer)
                     del self._unsaved[answer_id]
                     log.info("run.save_retried", answer_id=answer_id, status=answer.status)

@@ -70,6 +70,8 @@ class Settings:
     #: History budget (estimated tokens) before older turns are summarised.
     context_tokens: int = 16_000
     max_tool_rounds: int = 8
+    #: With it set, ``GET /metrics`` needs ``Authorization: Bearer <this token>``.
+    metrics_token: str = attrs.field(default="", repr=False)
     log_format: str = "auto"
     log_level: str = "info"
 

@@ -10,23 +10,24 @@ from .base import Agent, RunContext
 from .scripted import ScriptBounds, ScriptedAgent
 
 if TYPE_CHECKING:
+    from ..metrics import Metrics
     from ..settings import Settings
     from .pacing import Pacer
 
 __all__ = ["Agent", "RunContext", "ScriptBounds", "ScriptedAgent", "load_factory", "make_agent"]
 
 
-def make_agent(settings: Settings, pacer: Pacer | None = None) -> Agent:
-    """The agent configured by ``--agent`` / ``NAVI_AGENT``: ``scripted``, ``openai``, or
-    ``module:factory``, a user's agent (``factory()`` returns it). Raises ``ValueError``
-    with a message for the startup error."""
+def make_agent(settings: Settings, pacer: Pacer | None = None, metrics: Metrics | None = None) -> Agent:
+    """The agent configured by ``--agent`` / ``NAVI_AGENT``: ``scripted``, ``openai`` (its
+    model calls counted in ``metrics``), or ``module:factory``, a user's agent
+    (``factory()`` returns it). Raises ``ValueError`` with a message for the startup error."""
     if settings.agent == "scripted":
         bounds = ScriptBounds(settings.script_max_events, settings.script_max_chars, settings.script_max_seconds)
         return ScriptedAgent(pacer, bounds=bounds)
     if settings.agent == "openai":
         from .openai import OpenAIAgent, OpenAISettings
 
-        return OpenAIAgent(OpenAISettings.from_settings(settings))
+        return OpenAIAgent(OpenAISettings.from_settings(settings), metrics)
     if ":" in settings.agent:
         factory = load_factory(settings.agent)
         try:

@@ -31,6 +31,7 @@ import structlog
 import trio
 
 from ..errors import AgentError
+from ..metrics import Metrics
 from .stream_parse import DONE, SSEDecoder, StreamFormatError, ThinkSplitter, ToolCallAssembler, parse_chunk
 from .tools import BUILTIN_TOOLS, DELEGATE_SCHEMA, SCHEMAS, ToolContext, ToolError
 
@@ -88,6 +89,24 @@ class ModelHTTPError(Exception):
         self.status = status
         self.body = body
 
+    @property
+    def kind(self) -> str:
+        """What the metrics count it as (:data:`~navi_trio.metrics.MODEL_ERROR_KINDS`)."""
+        status = self.status
+        if status == 0:
+            return "connect"
+        if status in (401, 403, 404, 429):
+            return str(status)
+        return "5xx" if status >= 500 else "4xx"
+
+
+class ModelCallError(AgentError):
+    """A model call that failed, with the ``kind`` the metrics and traces record."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
 
 @attrs.define
 class Turn:
@@ -98,8 +117,9 @@ class Turn:
 class OpenAIAgent:
     wants_history = True
 
-    def __init__(self, settings: OpenAISettings) -> None:
+    def __init__(self, settings: OpenAISettings, metrics: Metrics | None = None) -> None:
         self.s = settings
+        self._metrics = metrics if metrics is not None else Metrics()
 
     # -- the agent ---------------------------------------------------------------------
     async def play(self, ctx: RunContext) -> None:
@@ -124,7 +144,8 @@ class OpenAIAgent:
         """Turns until the model answers without tool calls; returns the last turn's text."""
         tools = [*SCHEMAS] if is_subagent else [*SCHEMAS, DELEGATE_SCHEMA]
         for _round in range(self.s.max_tool_rounds + 1):
-            turn = await self._turn(client, ctx, messages, tools, emit=not is_subagent)
+            with self._metrics.model_call(self.s.model, self.s.base_url):
+                turn = await self._turn(client, ctx, messages, tools, emit=not is_subagent)
             if not turn.tool_calls:
                 return turn.text
             if _round == self.s.max_tool_rounds:
@@ -188,7 +209,8 @@ class OpenAIAgent:
             and len(history) > KEEP_RECENT_MESSAGES
         ):
             older, history = history[:-KEEP_RECENT_MESSAGES], history[-KEEP_RECENT_MESSAGES:]
-            summary = await self._summarise(client, summary, older)
+            with self._metrics.model_call(self.s.model, self.s.base_url):
+                summary = await self._summarise(client, summary, older)
             await ctx.save_summary(summary, older[-1]["id"])
             ctx.emit_context_compressed()
         messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}]
@@ -216,7 +238,7 @@ class OpenAIAgent:
         try:
             return str(orjson.loads(body)["choices"][0]["message"]["content"] or "").strip()
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise AgentError("The model endpoint sent a malformed reply while summarising.") from None
+            raise ModelCallError("The model endpoint sent a malformed reply while summarising.", "malformed") from None
 
     # -- one streamed turn -------------------------------------------------------------
     async def _turn(
@@ -286,24 +308,24 @@ class OpenAIAgent:
                 except httpx.TimeoutException:
                     if malformed is None:
                         stalled = f"The model endpoint stopped sending for {self.s.timeout_s:g} s"
-                        raise AgentError(f"{stalled} in the middle of the answer.") from None
+                        raise ModelCallError(f"{stalled} in the middle of the answer.", "timeout") from None
                 except (httpx.TransportError, httpx.StreamError):
                     if malformed is None:
-                        raise AgentError(
-                            "The connection to the model endpoint broke in the middle of the answer."
+                        raise ModelCallError(
+                            "The connection to the model endpoint broke in the middle of the answer.", "broken"
                         ) from None
         if malformed is not None:
-            raise AgentError(f"The model endpoint sent a malformed stream ({malformed}).")
+            raise ModelCallError(f"The model endpoint sent a malformed stream ({malformed}).", "malformed")
         for kind, piece in splitter.flush():
             _route(kind, piece, on_text, on_think, ctx, emit)
         if emit and (field_thinking or splitter.inside):
             ctx.emit_thinking_end()
         if not finished:
-            raise AgentError("The model's answer stream ended before it was complete.")
+            raise ModelCallError("The model's answer stream ended before it was complete.", "incomplete")
         turn.text = "".join(text)
         for i, call in enumerate(assembler.calls()):
             if not call.name:
-                raise AgentError("The model endpoint sent a tool call without a name.")
+                raise ModelCallError("The model endpoint sent a tool call without a name.", "malformed")
             turn.tool_calls.append(
                 {
                     "id": call.id or f"call_{i}",
@@ -345,18 +367,20 @@ class OpenAIAgent:
             except httpx.ConnectError:
                 error = ModelHTTPError(0, "connection refused")
             except httpx.TimeoutException:
-                raise AgentError(f"The model endpoint did not answer within {self.s.timeout_s:g} s.") from None
+                late = f"The model endpoint did not answer within {self.s.timeout_s:g} s."
+                raise ModelCallError(late, "timeout") from None
             except httpx.TransportError:
-                raise AgentError("The connection to the model endpoint failed.") from None
+                raise ModelCallError("The connection to the model endpoint failed.", "broken") from None
             retryable = error.status in (0, 429) or error.status >= 500
             if not retryable or attempt == RETRY_ATTEMPTS - 1:
                 raise self._explain(error)
+            self._metrics.model_error(error.kind)  # this attempt failed; the call goes on
             delay = retry_after if retry_after is not None else RETRY_BASE_S * 2**attempt
             log.warning("model.retry", status=error.status, attempt=attempt + 1, delay_s=round(delay, 2))
             await trio.sleep(min(delay, 10.0) * random.uniform(0.8, 1.2))
         raise AssertionError("unreachable")
 
-    def _explain(self, error: ModelHTTPError) -> AgentError:
+    def _explain(self, error: ModelHTTPError) -> ModelCallError:
         status = error.status
         where = self.s.base_url
         if status == 0:
@@ -373,7 +397,7 @@ class OpenAIAgent:
             message = f"The model endpoint failed (HTTP {status}); try again in a moment."
         else:
             message = f"The model endpoint rejected the request (HTTP {status})."
-        return AgentError(self._scrub(message))
+        return ModelCallError(self._scrub(message), error.kind)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self.s.api_key, "[redacted]") if self.s.api_key else text
