@@ -89,6 +89,12 @@ class Tracing:
         self._tracer = tracer
         self._trace = trace
         self._context = context
+        #: Span times are taken on trio's clock (the one the run log's times are on), as
+        #: wall-clock nanoseconds: every span of a run is on one timeline.
+        self._offset_ns = time.time_ns() - int(trio.current_time() * 1e9)
+
+    def _ns(self, t: float) -> int:
+        return self._offset_ns + int(t * 1e9)
 
     def run_began(self, run: Run, agent: str) -> Span:
         """Open the run's ``invoke_agent`` span as a root span and make it current in the
@@ -98,6 +104,7 @@ class Tracing:
             f"invoke_agent {agent}",
             context=self._context.Context(),  # a root span: not the spawner's current span
             kind=self._trace.SpanKind.INTERNAL,
+            start_time=self._ns(trio.current_time()),
             attributes={
                 "gen_ai.operation.name": "invoke_agent",
                 "gen_ai.agent.name": agent,
@@ -112,14 +119,12 @@ class Tracing:
         """Add the run's tool calls as ``execute_tool`` children (times from its log),
         then end its span with the answer's status."""
         parent = self._trace.set_span_in_context(span)
-        # The log's times are on trio's clock; spans take wall-clock nanoseconds.
-        offset_ns = time.time_ns() - int(trio.current_time() * 1e9)
         for name, started, ended, success in tools:
             child = self._tracer.start_span(
                 f"execute_tool {name}",
                 context=parent,
                 kind=self._trace.SpanKind.INTERNAL,
-                start_time=offset_ns + int(started * 1e9),
+                start_time=self._ns(started),
                 attributes={
                     "gen_ai.operation.name": "execute_tool",
                     "gen_ai.tool.name": name,
@@ -128,7 +133,7 @@ class Tracing:
             )
             if not success:
                 self.failed(child, "tool_error", "")
-            child.end(end_time=offset_ns + int(ended * 1e9))
+            child.end(end_time=self._ns(ended))
         span.set_attribute("navi.answer.status", status)
         terminal = run.log.terminal
         if status == "error":
@@ -138,7 +143,7 @@ class Tracing:
 
                 message = str(orjson.loads(terminal.wire).get("message", ""))
             self.failed(span, "error", message)
-        span.end()
+        span.end(end_time=self._ns(trio.current_time()))
 
     @contextmanager
     def chat(self, model: str, base_url: str = "") -> Iterator[Span]:
@@ -153,14 +158,17 @@ class Tracing:
         if url.hostname:
             attributes["server.address"] = url.hostname
             attributes["server.port"] = url.port or (443 if url.scheme == "https" else 80)
-        with self._tracer.start_as_current_span(
+        span = self._tracer.start_span(
             f"chat {model}",
             kind=self._trace.SpanKind.CLIENT,
             attributes=attributes,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            yield span
+            start_time=self._ns(trio.current_time()),
+        )
+        try:
+            with self._trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                yield span
+        finally:
+            span.end(end_time=self._ns(trio.current_time()))
 
     def failed(self, span: Span, kind: str, message: str) -> None:
         span.set_attribute("error.type", kind)

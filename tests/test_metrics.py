@@ -144,6 +144,7 @@ async def test_a_completed_run_during_and_after(autojump_clock: trio.testing.Moc
         sid = await server.new_session()
         async with server.connect(sid) as c:
             await follow(server, sid, c)
+            await trio.sleep(100)  # virtual: measured from the message, not from the clock's zero
             await c.send_message(
                 script(
                     {"sleep": 0.25},
@@ -458,3 +459,53 @@ def test_no_label_is_unbounded() -> None:
     assert labels[-1] == "other"
     assert m._tool_label("no spaces allowed") == "other"
     assert m.model_error("a new kind") == "other"
+
+
+# -- several worker processes --------------------------------------------------------------
+async def test_every_workers_metrics_on_any_worker(tmp_path: Path) -> None:
+    """``hypercorn --workers 2`` with ``PROMETHEUS_MULTIPROC_DIR``: whichever worker
+    answers a scrape reports the runs and connections of both."""
+    from .test_cli import HYPERCORN, HYPERCORN_URL, STARTUP_S, clean_env, free_port, http_client, spawn, ws_connect
+
+    port = free_port()
+    prom = tmp_path / "prometheus"
+    prom.mkdir()
+    env = clean_env(NAVI_DATA_DIR=str(tmp_path / "data"), NAVI_PORT=str(port), PROMETHEUS_MULTIPROC_DIR=str(prom))
+    cmd = [HYPERCORN, "--workers", "2", "--config", "python:navi_trio.hypercorn_conf", "navi_trio.asgi:app"]
+    n_runs = 6
+    with trio.fail_after(STARTUP_S + 60):
+        async with spawn(cmd, env, tmp_path, ready=HYPERCORN_URL) as srv:
+            url = await srv.wait_listening()
+            received = 0
+            for i in range(n_runs):  # each on new connections: the workers share the socket
+                async with http_client(url) as http:
+                    r = await http.post("/sessions", json={})
+                    assert r.status_code == 201, r.text
+                    sid = r.json()["id"]
+                async with ws_connect("127.0.0.1", port, f"/ws/sessions/{sid}") as c:
+                    assert (await c.recv())["type"] == "session_sync"
+                    await c.send_message(script({"text": f"run {i}"}))
+                    await c.until_terminal()
+                    received += len(c.received)
+
+            async def scrape_workers() -> Samples:
+                async with http_client(url) as http:
+                    r = await http.get("/metrics")
+                assert r.status_code == 200, r.text
+                return {
+                    (s.name, frozenset(s.labels.items())): s.value
+                    for family in text_string_to_metric_families(r.text)
+                    for s in family.samples
+                }
+
+            def caught_up(got: Samples) -> bool:
+                return runs(got, "complete") == n_runs and value(got, "navi_events_sent_total") == received
+
+            # Each worker copies its plain ints into the shared files every second.
+            with trio.fail_after(20):
+                while not caught_up(got := await scrape_workers()):  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+            assert value(got, "navi_store_seconds_count", op="save") == n_runs
+            assert value(got, "navi_runs_active") == 0
+            pids = {p.stem.rsplit("_", 1)[-1] for p in prom.glob("*.db")}
+            assert len(pids) == 2, sorted(prom.iterdir())
