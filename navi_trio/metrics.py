@@ -197,6 +197,8 @@ class Metrics:
             self._model_errors.labels(kind)
         for reason in sorted(REFUSAL_REASONS):
             self._refused.labels(reason)
+        for outcome in ("ok", "error", "cancelled"):
+            self._model_seconds.labels(outcome)
         self._store = {op: (self._store_seconds.labels(op), self._store_failures.labels(op)) for op in STORE_OPS}
         self._tools: set[str] = set()
         #: What :meth:`sync` last copied into each counter fed from a plain int.
