@@ -24,7 +24,7 @@ from navi_trio.agents import openai as openai_agent
 from navi_trio.auth import User, hash_token, new_token
 from navi_trio.store.base import utc_now
 
-from .fake_openai import FakeOpenAI, error_reply, open_fake_openai, stream, text_reply
+from .fake_openai import NEVER, FakeOpenAI, Reply, content, error_reply, open_fake_openai, stream, text_reply
 from .helpers import Client, Server, open_server, script
 from .test_durability import hold_exclusive_lock
 
@@ -421,12 +421,14 @@ async def test_model_errors_by_kind(replies: list[Any], kind: str, failed_reques
     assert value(got, "navi_model_call_seconds_count", outcome="ok") == 0
 
 
-async def test_a_model_that_never_answers_is_a_timeout() -> None:
+@pytest.mark.parametrize("reply", [NEVER, stream(content("half an "), ending="hang")], ids=["no_answer", "stalled"])
+async def test_a_model_that_stops_answering_is_a_timeout(reply: Reply) -> None:
     async with open_fake_openai() as fake:
-        fake.script(stream(ending="hang"))
+        fake.script(reply)
         terminal, got = await one_model_run(fake, timeout_s=0.3)
     assert terminal["type"] == "error"
     assert value(got, "navi_model_errors_total", kind="timeout") == 1
+    assert value(got, "navi_model_call_seconds_count", outcome="error") == 1
 
 
 async def test_a_stopped_model_call_is_cancelled_not_an_error() -> None:

@@ -8,6 +8,7 @@ process); each test reads only the spans of its own runs.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -200,3 +201,37 @@ def test_opt_in_reads_the_flag_and_the_sdk_switch() -> None:
     assert not tracing.opted_in({tracing.OPT_IN_VARIABLE: "gen_ai"})
     assert not tracing.opted_in({tracing.OPT_IN_VARIABLE: flag, "OTEL_SDK_DISABLED": "true"})
     assert tracing.from_env({}) is None
+
+
+async def test_spans_are_exported_over_otlp_when_configured(tmp_path: Path) -> None:
+    """A real ``navi-trio serve`` process, configured only by the environment, posts its
+    spans to an OTLP/HTTP endpoint (the fake HTTP server stands in for a collector)."""
+    from .test_cli import NAVI, STARTUP_S, clean_env, http_client, spawn, ws_connect
+
+    async with open_fake_openai() as collector:
+        collector.fallback = Reply(status=200, body=b"", headers=(("content-type", "application/x-protobuf"),))
+        env = clean_env(
+            OTEL_SEMCONV_STABILITY_OPT_IN=tracing.OPT_IN_FLAG,
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.port}",
+            OTEL_SERVICE_NAME="navi-under-test",
+            OTEL_BSP_SCHEDULE_DELAY="50",
+        )
+        cmd = [NAVI, "serve", "--port", "0", "--data-dir", str(tmp_path / "data")]
+        with trio.fail_after(STARTUP_S + 30):
+            async with spawn(cmd, env, tmp_path) as srv:
+                url = await srv.wait_listening()
+                async with http_client(url) as http:
+                    sid = (await http.post("/sessions", json={})).json()["id"]
+                host, port = srv.host_port
+                async with ws_connect(host, port, f"/ws/sessions/{sid}") as c:
+                    assert (await c.recv())["type"] == "session_sync"
+                    await c.send_message(script({"tool": "lookup", "result": "42"}, {"text": "done"}))
+                    await c.until_terminal()
+                await collector.wait_for(lambda: any(b"invoke_agent" in r.body for r in collector.requests))
+    exported = [r for r in collector.requests if b"invoke_agent" in r.body]
+    assert exported[0].method == "POST"
+    assert exported[0].path == "/v1/traces"
+    assert exported[0].headers["content-type"] == "application/x-protobuf"
+    body = b"".join(r.body for r in collector.requests)
+    for text in (b"invoke_agent scripted", b"execute_tool lookup", b"navi-under-test", sid.encode()):
+        assert text in body, text
