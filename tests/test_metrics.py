@@ -275,7 +275,7 @@ async def test_a_reader_behind_gets_merged_frames(autojump_clock: trio.testing.M
 async def test_a_reader_that_stopped_reading_is_a_lagging_subscriber() -> None:
     """Real clock: the server's writer waits on a full socket while the run goes on."""
     with trio.fail_after(30):
-        async with open_server() as server:
+        async with open_server(script_max_chars=40_000_000) as server:
             sid = await server.new_session()
             async with server.connect(sid) as stuck:
                 await follow(server, sid, stuck)
