@@ -26,6 +26,17 @@ from navi_trio.store.base import utc_now
 
 from .fake_openai import NEVER, FakeOpenAI, Reply, content, error_reply, open_fake_openai, stream, text_reply
 from .helpers import Client, Server, open_server, script
+from .test_cli import (
+    HYPERCORN,
+    HYPERCORN_URL,
+    NAVI,
+    STARTUP_S,
+    clean_env,
+    free_port,
+    http_client,
+    spawn,
+    ws_connect,
+)
 from .test_durability import hold_exclusive_lock
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -464,11 +475,77 @@ def test_no_label_is_unbounded() -> None:
 
 
 # -- several worker processes --------------------------------------------------------------
-async def test_every_workers_metrics_on_any_worker(tmp_path: Path) -> None:
-    """``hypercorn --workers 2`` with ``PROMETHEUS_MULTIPROC_DIR``: whichever worker
-    answers a scrape reports the runs and connections of both."""
-    from .test_cli import HYPERCORN, HYPERCORN_URL, STARTUP_S, clean_env, free_port, http_client, spawn, ws_connect
+async def scrape_url(url: str) -> Samples:
+    async with http_client(url) as http:
+        r = await http.get("/metrics")
+    assert r.status_code == 200, r.text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
 
+
+async def one_run_at(url: str, i: int) -> int:
+    """One run on a new session, over new connections; the frames the client got."""
+    async with http_client(url) as http:
+        r = await http.post("/sessions", json={})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    async with ws_connect(host, int(port), f"/ws/sessions/{sid}") as c:
+        assert (await c.recv())["type"] == "session_sync"
+        await c.send_message(script({"text": f"run {i}"}))
+        await c.until_terminal()
+        return len(c.received)
+
+
+async def scrape_url_until(url: str, done: Callable[[Samples], bool]) -> Samples:
+    """Each process copies its plain ints and state into the shared files every second."""
+    with trio.fail_after(20):
+        while not done(got := await scrape_url(url)):  # noqa: ASYNC110 (what a scraper does)
+            await trio.sleep(0.1)
+    return got
+
+
+async def test_each_process_answers_for_all_that_share_the_directory(tmp_path: Path) -> None:
+    """Two processes with one ``PROMETHEUS_MULTIPROC_DIR`` (what hypercorn's workers are):
+    a scrape of either reports the runs and the open connections of both."""
+    prom = tmp_path / "prometheus"
+    prom.mkdir()
+    env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(prom))
+    with trio.fail_after(STARTUP_S + 60):
+        async with (
+            spawn([NAVI, "serve", "--port", "0", "--data-dir", str(tmp_path / "a")], env, tmp_path) as a,
+            spawn([NAVI, "serve", "--port", "0", "--data-dir", str(tmp_path / "b")], env, tmp_path) as b,
+        ):
+            url_a, url_b = await a.wait_listening(), await b.wait_listening()
+            received = await one_run_at(url_a, 0)
+            for i in range(1, 4):
+                received += await one_run_at(url_b, i)
+            async with http_client(url_b) as http:
+                sid = (await http.post("/sessions", json={})).json()["id"]
+            host, port = b.host_port
+            async with ws_connect(host, port, f"/ws/sessions/{sid}") as open_on_b:
+                assert (await open_on_b.recv())["type"] == "session_sync"
+                received += 1
+
+                def both(got: Samples) -> bool:
+                    return (
+                        runs(got, "complete") == 4
+                        and value(got, "navi_websocket_connections") == 1
+                        and value(got, "navi_events_sent_total") == received
+                    )
+
+                for url in (url_a, url_b):
+                    got = await scrape_url_until(url, both)
+                    assert value(got, "navi_store_seconds_count", op="save") == 4
+            await scrape_url_until(url_a, lambda got: value(got, "navi_websocket_connections") == 0)
+
+
+async def test_every_workers_metrics_on_any_worker(tmp_path: Path) -> None:
+    """``hypercorn --workers 2`` with ``PROMETHEUS_MULTIPROC_DIR``: both workers report
+    into the directory, and a scrape (whichever worker answers) has every run."""
     port = free_port()
     prom = tmp_path / "prometheus"
     prom.mkdir()
@@ -480,34 +557,10 @@ async def test_every_workers_metrics_on_any_worker(tmp_path: Path) -> None:
             url = await srv.wait_listening()
             received = 0
             for i in range(n_runs):  # each on new connections: the workers share the socket
-                async with http_client(url) as http:
-                    r = await http.post("/sessions", json={})
-                    assert r.status_code == 201, r.text
-                    sid = r.json()["id"]
-                async with ws_connect("127.0.0.1", port, f"/ws/sessions/{sid}") as c:
-                    assert (await c.recv())["type"] == "session_sync"
-                    await c.send_message(script({"text": f"run {i}"}))
-                    await c.until_terminal()
-                    received += len(c.received)
-
-            async def scrape_workers() -> Samples:
-                async with http_client(url) as http:
-                    r = await http.get("/metrics")
-                assert r.status_code == 200, r.text
-                return {
-                    (s.name, frozenset(s.labels.items())): s.value
-                    for family in text_string_to_metric_families(r.text)
-                    for s in family.samples
-                }
-
-            def caught_up(got: Samples) -> bool:
-                return runs(got, "complete") == n_runs and value(got, "navi_events_sent_total") == received
-
-            # Each worker copies its plain ints into the shared files every second.
-            with trio.fail_after(20):
-                while not caught_up(got := await scrape_workers()):  # noqa: ASYNC110
-                    await trio.sleep(0.1)
-            assert value(got, "navi_store_seconds_count", op="save") == n_runs
+                received += await one_run_at(url, i)
+            got = await scrape_url_until(
+                url, lambda got: runs(got, "complete") == n_runs and value(got, "navi_events_sent_total") == received
+            )
             assert value(got, "navi_runs_active") == 0
             pids = {p.stem.rsplit("_", 1)[-1] for p in prom.glob("*.db")}
             assert len(pids) == 2, sorted(prom.iterdir())
