@@ -25,6 +25,7 @@ worker answers the sum over all of them (gauges: over the live ones).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -277,12 +278,11 @@ class Metrics:
         first delta and its tool calls from its log."""
         self._runs_total.labels(status if status in RUN_STATUSES else "error", self.agent).inc()
         events = run.log.events
-        received = run.request.received_at
-        for ev in events:
-            if ev.delta is not None:
-                if received == received:  # not NaN: the request knew when it arrived
-                    self._first_delta.observe(max(0.0, ev.t - received))
-                break
+        received = run.request.received_at  # NaN for a request made outside a trio run
+        if not math.isnan(received):
+            first_delta = next((ev for ev in events if ev.delta is not None), None)
+            if first_delta is not None:
+                self._first_delta.observe(max(0.0, first_delta.t - received))
         tools = list(tool_calls(run))
         for name, started, ended, success in tools:
             label = self._tool_label(name)
