@@ -42,6 +42,13 @@ IF_RUNNING = ("reject", "interrupt", "enqueue")
 FLUSH_PASSES = 5
 
 
+def _now() -> float:
+    try:
+        return trio.current_time()
+    except RuntimeError:  # built outside a trio run (a unit test): no arrival time
+        return float("nan")
+
+
 @attrs.frozen
 class RunRequest:
     """A validated user message, ready to become a run."""
@@ -58,7 +65,7 @@ class RunRequest:
     #: This session's upload folder (tools read only there).
     upload_dir: Path | None = None
     #: When the message arrived, on trio's clock (time to first delta is measured from it).
-    received_at: float = attrs.field(factory=lambda: _now())
+    received_at: float = attrs.field(factory=_now)
 
     def saved_as(self, answer_id: str) -> NewRun:
         """What the store keeps of this message: the user's message and the id of its
@@ -317,13 +324,6 @@ class Run:
             thinking=self.log.thinking_text,
             tool_calls=[t.as_dict() for t in self.log.tool_calls],
         )
-
-
-def _now() -> float:
-    try:
-        return trio.current_time()
-    except RuntimeError:  # built outside a trio run (a unit test): no arrival time
-        return float("nan")
 
 
 def answer_status(run: Run) -> str:
