@@ -33,6 +33,7 @@ from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import prometheus_client
+import structlog
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
@@ -42,6 +43,8 @@ from . import logs
 if TYPE_CHECKING:
     from .runs import Run
     from .tracing import Tracing
+
+log = structlog.get_logger("navi_trio.metrics")
 
 #: ``*_created`` series double the count of every counter and are read by no PromQL query.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -271,7 +274,10 @@ class Metrics:
         """A run's task has started: open its ``invoke_agent`` span (tracing only) and make
         it the current span of the run's task, so model calls are its children."""
         if self.tracing is not None:
-            self._spans[run.id] = self.tracing.run_began(run, self.agent)
+            try:
+                self._spans[run.id] = self.tracing.run_began(run, self.agent)
+            except Exception:  # tracing is a side channel: it never ends a run
+                log.exception("tracing.failed")
 
     def run_ended(self, run: Run, status: str) -> None:
         """A run is over and saved (or its save gave up): count it, and read its time to
@@ -291,7 +297,10 @@ class Metrics:
                 self._tool_failures.labels(label).inc()
         span = self._spans.pop(run.id, None)
         if span is not None and self.tracing is not None:
-            self.tracing.run_ended(span, run, status, tools)
+            try:
+                self.tracing.run_ended(span, run, status, tools)
+            except Exception:  # called in the run's final, synchronous step: never raise there
+                log.exception("tracing.failed")
 
     def _tool_label(self, name: str) -> str:
         if name in self._tools:

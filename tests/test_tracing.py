@@ -235,3 +235,17 @@ async def test_spans_are_exported_over_otlp_when_configured(tmp_path: Path) -> N
     body = b"".join(r.body for r in collector.requests)
     for text in (b"invoke_agent scripted", b"execute_tool lookup", b"navi-under-test", sid.encode()):
         assert text in body, text
+
+
+@pytest.mark.parametrize("step", ["run_began", "run_ended"])
+async def test_a_failing_tracer_never_ends_a_run(
+    step: str, spans: list[ReadableSpan], monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("the exporter's bug")
+
+    monkeypatch.setattr(tracing.Tracing, step, broken)
+    async with open_server() as server:
+        sid = await run_once(server, script({"text": "still here"}))
+        r = await server.http.get(f"/sessions/{sid}/messages")
+        assert [(m["status"], m["content"]) for m in r.json()][1] == ("complete", "still here")
