@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -224,9 +224,7 @@ class Metrics:
         self._advance("events", self._events_sent, tally.frames_sent)
         self._advance("merged", self._merged, tally.frames_merged)
         self._advance("heartbeats", self._heartbeats, tally.heartbeats_sent)
-        dropped: Callable[[], int] | None = getattr(logs, "dropped_lines", None)
-        if dropped is not None:
-            self._advance("log_dropped", self._log_dropped, dropped())
+        self._advance("log_dropped", self._log_dropped, logs.dropped_lines())
 
     def _advance(self, key: str, counter: Counter, total: float) -> None:
         delta = total - self._synced.get(key, 0)
