@@ -210,6 +210,16 @@ class Metrics:
         #: Open spans of runs that are playing (tracing only).
         self._spans: dict[str, Any] = {}
 
+    @classmethod
+    def detached(cls) -> Metrics:
+        """The metrics of a registry or agent built without an app (unit tests, the testing
+        kit's thousands of cut runs): one instance that no ``/metrics`` serves, made once,
+        since making one costs about a millisecond. Every app makes its own."""
+        global _DETACHED
+        if _DETACHED is None:
+            _DETACHED = cls("detached")
+        return _DETACHED
+
     # -- scrape ------------------------------------------------------------------------
     def sync(self, source: Observed) -> None:
         """Copy the plain ints and the registry's state into the metrics (at scrape time,
@@ -359,6 +369,9 @@ class Metrics:
     def refused(self, reason: str) -> None:
         """A WebSocket handshake or request refused (bad token, no access, a limit, an origin)."""
         self._refused.labels(reason if reason in REFUSAL_REASONS else "other").inc()
+
+
+_DETACHED: Metrics | None = None
 
 
 def tool_calls(run: Run) -> Iterator[tuple[str, float, float, bool]]:

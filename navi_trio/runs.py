@@ -356,7 +356,7 @@ class RunRegistry:
         metrics: Metrics | None = None,
     ) -> None:
         self._nursery = server_nursery
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = metrics if metrics is not None else Metrics.detached()
         self.store = store
         self._agent = agent
         self._save_timeout_s = save_timeout_s

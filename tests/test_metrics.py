@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from navi_trio import logs
 from navi_trio.agents import openai as openai_agent
 from navi_trio.auth import User, hash_token, new_token
+from navi_trio.metrics import Metrics
 from navi_trio.store.base import utc_now
 
 from .fake_openai import NEVER, FakeOpenAI, Reply, content, error_reply, open_fake_openai, stream, text_reply
@@ -144,6 +145,9 @@ async def test_each_server_has_its_own_metrics(autojump_clock: trio.testing.Mock
             await c.until_terminal()
         assert runs(await settled(one), "complete") == 1
         assert runs(await scrape(two), "complete") == 0
+    # A registry built without an app shares one unserved set; an app never uses it.
+    assert Metrics.detached() is Metrics.detached()
+    assert one.registry.metrics is not Metrics.detached()
 
 
 # -- runs: completed, stopped, failed ----------------------------------------------------
@@ -464,7 +468,7 @@ async def test_a_stopped_model_call_is_cancelled_not_an_error() -> None:
 
 def test_no_label_is_unbounded() -> None:
     """Labels come from fixed sets, and tool names stop getting their own after a bound."""
-    from navi_trio.metrics import MAX_TOOL_LABELS, Metrics
+    from navi_trio.metrics import MAX_TOOL_LABELS
 
     m = Metrics("scripted")
     labels = [m._tool_label(f"tool_{i}") for i in range(MAX_TOOL_LABELS + 5)]

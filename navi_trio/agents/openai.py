@@ -119,7 +119,7 @@ class OpenAIAgent:
 
     def __init__(self, settings: OpenAISettings, metrics: Metrics | None = None) -> None:
         self.s = settings
-        self._metrics = metrics if metrics is not None else Metrics()
+        self._metrics = metrics if metrics is not None else Metrics.detached()
 
     # -- the agent ---------------------------------------------------------------------
     async def play(self, ctx: RunContext) -> None:
