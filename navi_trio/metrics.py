@@ -120,7 +120,15 @@ class Metrics:
             "navi_runs_active", "Runs started whose answer is not saved yet", registry=r, multiprocess_mode="livesum"
         )
         self._runs_total = Counter(
-            "navi_runs", "Runs ended, by the status of their saved answer", ["status", "agent"], registry=r
+            "navi_runs", "Runs ended, by the status of their saved answer", ["status"], registry=r
+        )
+        #: The same count by agent too: the contract names ``navi_runs_total{status}``
+        #: with exactly that label, so the agent gets a counter of its own.
+        self._agent_runs = Counter(
+            "navi_agent_runs",
+            "Runs ended, by agent and the status of their saved answer",
+            ["agent", "status"],
+            registry=r,
         )
         self._websockets = Gauge(
             "navi_websocket_connections", "Open WebSocket connections", registry=r, multiprocess_mode="livesum"
@@ -196,7 +204,8 @@ class Metrics:
         # Pre-made children: every label value exists from the start (a rate() over a
         # series that appears only on the first failure misses that failure).
         for status in RUN_STATUSES:
-            self._runs_total.labels(status, agent)
+            self._runs_total.labels(status)
+            self._agent_runs.labels(agent, status)
         for kind in sorted(MODEL_ERROR_KINDS):
             self._model_errors.labels(kind)
         for reason in sorted(REFUSAL_REASONS):
@@ -290,7 +299,9 @@ class Metrics:
     def run_ended(self, run: Run, status: str) -> None:
         """A run is over and saved (or its save gave up): count it, and read its time to
         first delta and its tool calls from its log."""
-        self._runs_total.labels(status if status in RUN_STATUSES else "error", self.agent).inc()
+        status = status if status in RUN_STATUSES else "error"
+        self._runs_total.labels(status).inc()
+        self._agent_runs.labels(self.agent, status).inc()
         events = run.log.events
         received = run.request.received_at  # NaN for a request made outside a trio run
         if not math.isnan(received):

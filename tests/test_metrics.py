@@ -75,7 +75,11 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def runs(samples: Samples, status: str, agent: str = "scripted") -> float:
-    return value(samples, "navi_runs_total", status=status, agent=agent)
+    """``navi_runs_total{status}`` (the contract's label set, exactly), checked against
+    the by-agent count of the same runs."""
+    total = value(samples, "navi_runs_total", status=status)
+    assert value(samples, "navi_agent_runs_total", agent=agent, status=status) == total
+    return total
 
 
 async def settled(server: Server) -> Samples:
