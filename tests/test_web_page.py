@@ -437,3 +437,112 @@ async def test_html_and_script_in_an_answer_are_shown_not_run(server: Server) ->
     assert got["links"] == []
     assert json.loads(got["user"]) == json.loads(content)
     assert got["errors"] == []
+
+
+async def test_markdown_renderer_builds_only_safe_elements(server: Server) -> None:
+    cases = {
+        "# Title\n\nsome *em* and **strong** and `co<de>`": (
+            "<h1>Title</h1><p>some <em>em</em> and <strong>strong</strong> and <code>co&lt;de&gt;</code></p>"
+        ),
+        "- one\n- two\n\n1. first\n2. second": (
+            "<ul><li>one</li><li>two</li></ul><ol><li>first</li><li>second</li></ol>"
+        ),
+        "```js\nlet a = '<b>';\n```": "<pre><code data-lang=\"js\">let a = '&lt;b&gt;';</code></pre>",
+        "> quoted\n\n---": "<blockquote><p>quoted</p></blockquote><hr>",
+        "[ok](https://example.org/a_b) [bad](javascript:alert(1)) ![img](https://x.org/i.png)": (
+            '<p><a href="https://example.org/a_b" rel="noopener noreferrer nofollow" target="_blank">ok</a> bad'
+            ' <a href="https://x.org/i.png" rel="noopener noreferrer nofollow" target="_blank">img</a></p>'
+        ),
+        "snake_case_name and a__b__c stay": "<p>snake_case_name and a__b__c stay</p>",
+        "line one\nline two": "<p>line one<br>line two</p>",
+        "unclosed ```\nfence": "<p>unclosed ```<br>fence</p>",
+    }
+
+    def work(browser: Browser) -> dict[str, str]:
+        page = open_page(browser, server.base)
+        rendered: dict[str, str] = page.evaluate(
+            """async (cases) => {
+                const { renderMarkdown } = await import("/assets/markdown.js");
+                const out = {};
+                for (const src of cases) {
+                    const div = document.createElement("div");
+                    div.append(renderMarkdown(src));
+                    out[src] = div.innerHTML;
+                }
+                return out;
+            }""",
+            list(cases),
+        )
+        return rendered
+
+    got = await in_browser(work)
+    wrong = {src: html for src, html in got.items() if html != cases[src]}
+    assert not wrong, "\n".join(f"{s!r} -> {h!r}" for s, h in wrong.items())
+
+
+async def test_sessions_list_new_chat_and_switching(server: Server) -> None:
+    def work(browser: Browser) -> tuple[list[str], str, list[str], str]:
+        page = open_page(browser, server.base)
+        send(page, "first chat")
+        expect(answers(page).last).to_have_attribute("data-status", "complete")
+        first = page.url
+        page.locator("#new-chat").click()
+        expect(page.locator("[data-role]")).to_have_count(0)
+        send(page, "second chat")
+        expect(answers(page).last).to_have_attribute("data-status", "complete")
+        expect(page.locator("#sessions a.session")).to_have_count(2)
+        titles = page.locator("#sessions a.session").all_inner_texts()
+        page.locator("#sessions a.session", has_text="first chat").click()
+        expect(page.locator("[data-role=user] .content")).to_have_text(["first chat"])
+        return titles, page.url, page.locator("#title").all_inner_texts(), first
+
+    titles, url, header, first_url = await in_browser(work)
+    assert sorted(titles) == ["first chat", "second chat"]
+    assert url == first_url
+    assert header == ["first chat"]
+
+
+async def test_image_limits_are_kept_before_sending(server: Server, tmp_path: Path) -> None:
+    png = tmp_path / "dot.png"
+    png.write_bytes(PNG_1PX)
+
+    def work(browser: Browser) -> tuple[int, str]:
+        page = open_page(browser, server.base)
+        page.locator("#image-input").set_input_files([str(png)] * 9)
+        expect(page.locator("#notice")).to_be_visible()
+        return page.locator("#attachments .chip.image").count(), page.locator("#notice").inner_text()
+
+    count, notice = await in_browser(work)
+    assert count == 8
+    assert "8 images" in notice
+
+
+async def test_reconnecting_is_shown_while_the_server_cannot_be_reached(server: Server) -> None:
+    expected, steps = words(100, delay=0.02)
+    content = script(*steps)
+
+    def work(browser: Browser) -> str:
+        page = open_page(browser, server.base)
+        blocked = [False]
+
+        def route(ws: Any) -> None:
+            if blocked[0]:
+                ws.close(code=1011)
+            else:
+                ws.connect_to_server()
+
+        page.route_web_socket(re.compile(r".*/ws/sessions/.*"), route)
+        send(page, content)
+        answer = answers(page).last
+        expect(answer.locator(".content")).to_contain_text("w5 ")
+        blocked[0] = True
+        trio.from_thread.run_sync(server.registry.close_followers, session_of(page), 1011, "dropped")
+        expect(page.locator("#connection")).to_have_text("Reconnecting…")
+        expect(page.locator("#connection")).to_have_attribute("data-state", "reconnecting")
+        blocked[0] = False
+        expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+        expect(answer).to_have_attribute("data-status", "complete")
+        return answer.locator(".content").inner_text()
+
+    assert (await in_browser(work)).split() == expected.split()
+    await server.no_run_left()

@@ -118,7 +118,7 @@ function list(doc, parent, lines, i) {
 }
 
 const CODE_SPAN = /(`+)([\s\S]*?[^`]|[^`])\1(?!`)/y;
-const LINK = /(!?)\[([^\]\n]*)\]\(\s*<?([^)\s>]+)>?(?:\s+"[^"]*")?\s*\)/y;
+const LINK = /(!?)\[([^\]\n]*)\]\(\s*<?((?:[^()\s<>]|\([^()\s]*\))+)>?(?:\s+"[^"]*")?\s*\)/y;
 const AUTOLINK = /https?:\/\/[^\s<>"']*[^\s<>"'.,;:!?)\]]/y;
 
 /** Inline Markdown of `text` appended to `parent`, as text nodes and safe elements only. */
