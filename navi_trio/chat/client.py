@@ -40,6 +40,7 @@ BACKOFF_S: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 #: A replay of a long answer comes as one merged event, and ``stream_end`` holds the whole text.
 MAX_FRAME: Final = 64 * 1024 * 1024
 EXIT_INTERRUPTED: Final = 130
+NO_RUN_TO_STOP: Final = "No active run to stop."
 
 
 class ChatError(Exception):
@@ -232,6 +233,8 @@ class Chat:
             return
         if kind == "error" and "seq" not in event:
             message = str(event.get("message", "error"))
+            if message == NO_RUN_TO_STOP:
+                return  # a Ctrl-C that came as the answer ended: nothing left to stop
             if self.waiting is not None and self._mine is None:
                 self._done(message)
             else:

@@ -222,6 +222,12 @@ async function loadHistory() {
   }
   if (state.sid !== sid || load !== state.historyLoads) return; // a later load wins
   state.history = messages;
+  // A load that began after the live answer ended has it, saved: draw it from there.
+  const live = state.live;
+  if (live && live.finished && live.settledBy < load) {
+    state.lastNote = live.note || null;
+    state.live = null;
+  }
   renderMessages();
 }
 
@@ -386,6 +392,14 @@ function renderMessages() {
     box.append(m);
   }
   liveElement = null;
+  const user = state.live && state.live.user;
+  const last = all[all.length - 1];
+  if (user && !(last && last.role === "user" && last.content === user.content)) {
+    // The user message of the answer streaming, until the history has it.
+    const m = messageElement("user");
+    fillMessage(m, user);
+    box.append(m);
+  }
   if (state.live) {
     liveElement = messageElement("assistant", state.live.status);
     fillMessage(liveElement, liveAsMessage(state.live));
@@ -477,6 +491,8 @@ function newLive(runId) {
     status: "running",
     note: "",
     finished: false,
+    settledBy: 0,
+    user: null,
   };
 }
 
@@ -654,21 +670,33 @@ function handleEvent(e) {
 function finish(live, status, note) {
   live.status = status;
   live.note = note;
+  settle(live);
+}
+
+/** The answer has ended: keep drawing it until a history load begun from now on has it. */
+function settle(live) {
   live.finished = true;
   live.thinkingDone = true;
+  live.settledBy = state.historyLoads;
   clearLive(state.sid);
+  loadHistory();
 }
 
 function streamStart(e) {
   if (state.live && state.live.runId === e.run_id) return; // a resume starts with it again
   const mine = Boolean(state.pending);
-  if (state.live && state.live.finished) state.history.push({ ...liveAsMessage(state.live), thinkingOpen: false });
-  if (mine) {
-    state.history.push(state.pending.message);
-    state.pending = null;
+  const old = state.live;
+  if (old && old.finished) {
+    const last = state.history[state.history.length - 1];
+    if (old.user && !(last && last.role === "user" && last.content === old.user.content)) state.history.push(old.user);
+    state.history.push({ ...liveAsMessage(old), thinkingOpen: false });
   }
   state.live = newLive(e.run_id);
   state.live.seq = e.seq ?? 1;
+  if (mine) {
+    state.live.user = state.pending.message;
+    state.pending = null;
+  }
   state.lastNote = null;
   renderMessages();
   persistLive();
@@ -676,17 +704,15 @@ function streamStart(e) {
   if (!mine) loadHistory();
 }
 
-async function sessionSync() {
+function sessionSync() {
+  // The answer we were following ended while we were away: the history has it.
   const live = state.live;
-  if (live) {
-    state.lastNote = live.finished ? live.note || null : null;
-    state.live = null;
-    clearLive(state.sid);
-  }
-  await loadHistory();
+  if (live && !live.finished) settle(live);
+  else loadHistory();
 }
 
 function clientError(message) {
+  if (message === "No active run to stop.") return; // a stop that came as the answer ended
   showNotice(message);
   if (state.pending) {
     const ta = $("#composer textarea");
