@@ -37,6 +37,8 @@ CLOSE_DENIED: Final = 4003
 CLOSE_NOT_FOUND: Final = 4004
 #: Seconds between reconnection attempts (then the last, with jitter) while the server is away.
 BACKOFF_S: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+#: How long the server may stay unreachable before the client gives up (a script must end).
+GIVE_UP_S: Final = 120.0
 #: A replay of a long answer comes as one merged event, and ``stream_end`` holds the whole text.
 MAX_FRAME: Final = 64 * 1024 * 1024
 EXIT_INTERRUPTED: Final = 130
@@ -133,6 +135,7 @@ class Chat:
         """
         attempt = 0
         started = False
+        lost_at = 0.0
         while True:
             problem = ""
             close_code: int | None = None
@@ -153,8 +156,12 @@ class Chat:
                 raise ChatError(f"session {self.session_id} no longer exists")
             if not started:
                 raise ChatError(f"cannot reach the server at {self.endpoint.http_base}: {problem}")
-            if attempt == 0 and self.waiting is not None:
-                self.printer.note("[connection lost; reconnecting…]")
+            if attempt == 0:
+                lost_at = trio.current_time()
+                if self.waiting is not None:
+                    self.printer.note("[connection lost; reconnecting…]")
+            elif trio.current_time() - lost_at > GIVE_UP_S:
+                raise ChatError(f"lost the connection to {self.endpoint.http_base} ({problem or 'closed'})")
             if self.waiting is not None and self._mine is None:
                 self._dropped_before_start = True
             delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]

@@ -462,7 +462,7 @@ function persistLive() {
   try {
     sessionStorage.setItem(liveKey(state.sid), JSON.stringify(live));
   } catch {
-    // Storage full: a reload then replays the run from its start, which is just as exact.
+    // Storage full: a reload resumes from the last state kept, which is just as exact.
   }
 }
 
