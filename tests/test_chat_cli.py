@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -318,4 +319,34 @@ async def test_terminal_resumes_a_dropped_connection_by_seq(server: Server) -> N
     answer = ANSI.sub("", seen).split(content, 1)[1]
     assert answer.split().count("w") == 150
     assert any("run_id=" in r for r in proxy.websocket_requests()), proxy.requests
+    await server.no_run_left()
+
+
+async def test_pipes_sigint_during_an_answer_stops_the_run(server: Server) -> None:
+    content = script({"text": "tick ", "repeat": 2000, "delay": 0.02})
+    async with trio.open_nursery() as nursery:
+        cmd = chat_cmd("--url", server.base)
+        run = partial(trio.run_process, cmd, stdin=PIPE, stdout=PIPE, stderr=PIPE, check=False, env=chat_env())
+        proc: trio.Process = await nursery.start(run)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        await proc.stdin.send_all(f"{content}\nafter the stop\n".encode())
+        await proc.stdin.aclose()
+        out = b""
+        with trio.fail_after(WAIT_S):
+            while b"tick tick tick" not in out:
+                out += await proc.stdout.receive_some()
+            proc.send_signal(signal.SIGINT)
+            while chunk := await proc.stdout.receive_some():
+                out += chunk
+            err = b""
+            while chunk := await proc.stderr.receive_some():
+                err += chunk
+            rc = await proc.wait()
+    assert rc == 0, err  # a stopped answer is not an error
+    assert "[stopped]" in err.decode()
+    text, last = out.decode().rstrip("\n").rsplit("\n", 1)
+    assert last == "after the stop"  # the next line was still sent and answered
+    history = await messages(server, session_id_in(err.decode()))
+    assert [m["status"] for m in history if m["role"] == "assistant"] == ["stopped", "complete"]
+    assert history[1]["content"].strip() == text.strip()
     await server.no_run_left()
