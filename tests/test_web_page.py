@@ -546,3 +546,53 @@ async def test_reconnecting_is_shown_while_the_server_cannot_be_reached(server: 
 
     assert (await in_browser(work)).split() == expected.split()
     await server.no_run_left()
+
+
+async def test_heartbeats_keep_the_connection_and_silence_ends_it() -> None:
+    """The page learns the heartbeat period (0.5 s here) and takes a connection that goes
+    silent, heartbeats and all, for dead (a half-open TCP connection looks like this):
+    it reconnects on its own."""
+    async with open_server(heartbeat_s=0.5) as server:
+
+        def work(browser: Browser) -> tuple[int, int, int]:
+            page = browser.new_page()
+            page.set_default_timeout(WAIT_MS)
+            routes: list[Any] = []
+            heartbeats = [0]
+            muted: set[int] = set()
+
+            def route(ws: Any) -> None:
+                index = len(routes)
+                routes.append(ws)
+                upstream = ws.connect_to_server()
+
+                def to_page(message: str | bytes) -> None:
+                    if index in muted:
+                        return
+                    if isinstance(message, str) and '"heartbeat"' in message:
+                        heartbeats[0] += 1
+                    ws.send(message)
+
+                upstream.on_message(to_page)
+
+            page.route_web_socket(re.compile(r".*/ws/sessions/.*"), route)
+            page.goto(server.base)
+            send(page, "hello")
+            expect(answers(page).last).to_have_attribute("data-status", "complete")
+            for _ in range(200):  # bounded: 12 heartbeats are 6 s, twice the shortest watchdog
+                if heartbeats[0] >= 12:
+                    break
+                page.wait_for_timeout(100)
+            kept = len(routes)
+            muted.add(len(routes) - 1)  # the connection goes silent
+            expect(page.locator("#connection")).to_have_attribute("data-state", "reconnecting", timeout=WAIT_MS)
+            expect(page.locator("#connection")).to_have_attribute("data-state", "connected")
+            send(page, "still here")
+            expect(answers(page)).to_have_count(2)
+            expect(answers(page).last).to_have_attribute("data-status", "complete")
+            return heartbeats[0], kept, len(routes)
+
+        beats, kept, total = await in_browser(work)
+        assert beats >= 12
+        assert kept == 1  # heartbeats kept the one connection alive
+        assert total == 2  # silence: one reconnection

@@ -16,7 +16,11 @@ const MAX_IMAGES = 8;
 const MAX_IMAGE_BYTES = 50 * 1024 * 1024;
 const TITLE_CHARS = 60;
 const BACKOFF_MS = [250, 500, 1000, 2000, 4000, 8000];
-const WATCHDOG_MS = 65000; // the server's heartbeat is every 20 s by default
+// A connection silent for this long is dead. The server sends a heartbeat whenever it sent
+// nothing else for heartbeat_s (20 s by default); the page learns that period from the
+// heartbeats themselves and waits three of them (at least WATCHDOG_MIN_MS).
+const WATCHDOG_MS = 65000;
+const WATCHDOG_MIN_MS = 3000;
 
 const state = {
   sessions: [],
@@ -29,6 +33,7 @@ const state = {
   retryTimer: null,
   watchdog: null,
   watchdogMs: WATCHDOG_MS,
+  heartbeatGapMs: 0,
   lastFrameAt: 0,
   openWaiters: [],
   live: null, // the answer streaming: {runId, seq, content, thinking, thinkingDone, tools, notes, status, note, finished}
@@ -533,13 +538,14 @@ function connect() {
   };
   ws.onmessage = (ev) => {
     if (gen !== state.wsGen) return;
-    armWatchdog();
     let event;
     try {
       event = JSON.parse(ev.data);
     } catch {
-      return;
+      event = {};
     }
+    if (event.type === "heartbeat" && state.lastFrameAt) learnHeartbeat(Date.now() - state.lastFrameAt);
+    armWatchdog();
     handleEvent(event);
   };
   ws.onclose = (ev) => {
@@ -569,6 +575,12 @@ function reconnectLater() {
   state.retries++;
   clearTimeout(state.retryTimer);
   state.retryTimer = setTimeout(connect, base / 2 + Math.random() * base);
+}
+
+/** The longest gap before a heartbeat seen so far is (about) the server's heartbeat period. */
+function learnHeartbeat(gapMs) {
+  state.heartbeatGapMs = Math.max(state.heartbeatGapMs, gapMs);
+  state.watchdogMs = Math.min(WATCHDOG_MS, Math.max(WATCHDOG_MIN_MS, 3 * state.heartbeatGapMs));
 }
 
 /** A connection that says nothing, not even a heartbeat, is dead: drop it and reconnect. */
