@@ -29,6 +29,7 @@ from .runs import RunRegistry
 from .settings import Settings
 from .store import find_session, open_store
 from .tracing import from_env as tracing_from_env
+from .web.page import page_asset, serve_page
 
 if TYPE_CHECKING:
     from .asgi_types import Receive, Scope, Send
@@ -79,7 +80,11 @@ class NaviApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._services(scope).http(scope, receive, send)
+            asset = page_asset(scope["path"])
+            if asset is not None:
+                await serve_page(asset, scope, send)
+            else:
+                await self._services(scope).http(scope, receive, send)
         elif kind == "websocket":
             await self.websocket(scope, receive, send)
         elif kind == "lifespan":

@@ -13,6 +13,8 @@ import trio
 
 from . import __version__
 from .auth import ROLES, User, hash_token, new_token, valid_user_name
+from .chat.client import add_arguments as add_chat_arguments
+from .chat.client import main as chat_main
 from .errors import StoreError
 from .logs import configure_logging
 from .settings import Settings
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     for users_parser in (add, list_, revoke):
         _data_dir_option(users_parser, inner=True)
+
+    add_chat_arguments(sub.add_parser("chat", help="chat with a server from the terminal"))
     return parser
 
 
@@ -112,6 +116,8 @@ async def _users(args: argparse.Namespace, settings: Settings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "chat":
+        return chat_main(args)
     if args.command == "users":
         try:
             settings = Settings.from_env(data_dir=args.data_dir)
