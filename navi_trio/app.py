@@ -24,6 +24,8 @@ from .errors import NaviError
 from .http import HttpApi
 from .logs import guard_hypercorn_loggers
 from .metrics import Metrics
+from .origins import REFUSED as ORIGIN_REFUSED
+from .origins import OriginPolicy, header, serve_http
 from .protocol_routes import ProtocolRoutes
 from .runs import RunRegistry
 from .settings import Settings
@@ -58,6 +60,7 @@ class Services:
             registry, registry.store, settings, health=health, protocols=ProtocolRoutes(registry, settings, pacer)
         )
         self.pacer = pacer
+        self.origins = OriginPolicy.parse(settings.allowed_origins)
 
 
 class NaviApp:
@@ -80,11 +83,16 @@ class NaviApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
+            services = self._services(scope)
             asset = page_asset(scope["path"])
-            if asset is not None:
-                await serve_page(asset, scope, send)
+            if asset is None:
+                await serve_http(services.origins, services.http, scope, receive, send)
             else:
-                await self._services(scope).http(scope, receive, send)
+
+                async def page(scope: Scope, receive: Receive, send: Send) -> None:
+                    await serve_page(asset, scope, send)
+
+                await serve_http(services.origins, page, scope, receive, send)
         elif kind == "websocket":
             await self.websocket(scope, receive, send)
         elif kind == "lifespan":
@@ -236,6 +244,11 @@ class NaviApp:
 
         async def close(code: int, reason: str) -> None:
             await send({"type": "websocket.close", "code": code, "reason": reason})
+
+        origin = header(scope, b"origin")  # a browser's: a page of another site must not hijack
+        if origin is not None and not services.origins.allows(origin, header(scope, b"host")):
+            await close(CLOSE_DENIED, ORIGIN_REFUSED)
+            return None
 
         try:
             user = await authenticate(

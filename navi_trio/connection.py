@@ -14,7 +14,6 @@ runs this connection follows live in the server nursery and go on without it.
 
 from __future__ import annotations
 
-import binascii
 import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -24,8 +23,9 @@ import orjson
 import structlog
 import trio
 
-from . import uploads
+from . import frame_json, uploads
 from .agents.pacing import Pacer
+from .base64_check import is_base64
 from .errors import BadClientMessage, QueueFull, RunAlreadyActive, ShuttingDown
 from .events import HEARTBEAT, MERGE_MAX_CHARS, SESSION_SYNC, Event, encode, error_frame
 from .runs import IF_RUNNING, Run, RunRegistry, RunRequest, Subscriber
@@ -323,7 +323,7 @@ class Connection:
 
     async def _handle(self, text: str) -> None:
         try:
-            data = orjson.loads(text)
+            data = await frame_json.loads(text)
         except orjson.JSONDecodeError:
             await self._answer_error("Invalid JSON")
             return
@@ -338,7 +338,7 @@ class Connection:
                 folder = uploads.session_dir(self._uploads_root, self._session_owner, self.session_id)
                 request = attrs.evolve(request, upload_dir=folder)
             if request.images:
-                await trio.to_thread.run_sync(check_base64, request.images)
+                await check_base64(request.images)
             files = data.get("files")
             if files is not None and files != []:
                 request = await self._with_files(request, files)
@@ -409,7 +409,7 @@ def parse_message(
     if not isinstance(data, dict) or data.get("type") != "message":
         raise BadClientMessage(EXPECTED_MESSAGE)
     content = data.get("content")
-    if not isinstance(content, str) or not content.strip():
+    if not isinstance(content, str) or not content or content.isspace():  # no copy, unlike strip()
         raise BadClientMessage(EXPECTED_MESSAGE)
     if len(content) > max_chars:
         raise BadClientMessage(f"Message too long ({len(content)} characters). Max {max_chars} allowed.")
@@ -438,32 +438,33 @@ def _parse_images(raw: Any) -> list[str]:
         raise BadClientMessage(f"Too many images ({len(raw)}). Max {MAX_IMAGES} allowed.")
     total = 0
     for img in raw:
-        parts = _data_url(img)
-        total += len(parts[1] if parts else img)
+        total += len(img) - _payload_start(img)
         if total > MAX_IMAGE_BYTES:
             raise BadClientMessage("Total image payload exceeds 50 MB limit.")
     return list(raw)
 
 
-def _data_url(img: str) -> tuple[str, str] | None:
-    """``(head, payload)`` of a ``data:<head>,<payload>`` image, or None if it is not one."""
+def _payload_start(img: str) -> int:
+    """Where the payload of a ``data:<head>,<payload>`` image begins (0 if it is not one),
+    found without copying a 50 MB string."""
     if not img.startswith("data:"):
-        return None
-    head, comma, payload = img.partition(",")
-    return (head, payload) if comma else None
+        return 0
+    return img.find(",") + 1  # no comma: 0, the whole string counts
 
 
-def check_base64(images: list[str]) -> None:
-    """Each image is base64, or a ``data:<type>;base64,<data>`` URL. Up to 50 MB of
-    decoding: call it in a worker thread. Raises :class:`BadClientMessage`."""
+async def check_base64(images: list[str]) -> None:
+    """Each image is base64, or a ``data:<type>;base64,<data>`` URL. Up to 50 MB, checked
+    in chunks on the event loop (:mod:`~navi_trio.base64_check`), so other streams go on.
+    Raises :class:`BadClientMessage`.
+
+    Cancellation: a cancel between chunks ends the check; the message is not submitted.
+    """
     for i, img in enumerate(images, start=1):
-        payload = img
+        start = 0
         if img.startswith("data:"):
-            parts = _data_url(img)
-            if parts is None or not parts[0].endswith(";base64"):
+            comma = img.find(",")
+            if comma < 0 or not img.endswith(";base64", 0, comma):
                 raise BadClientMessage(f"Image {i} is not a base64 data: URL.")
-            payload = parts[1]
-        try:
-            binascii.a2b_base64(payload, strict_mode=True)
-        except (binascii.Error, ValueError):
-            raise BadClientMessage(f"Image {i} is not valid base64.") from None
+            start = comma + 1
+        if not await is_base64(img, start):
+            raise BadClientMessage(f"Image {i} is not valid base64.")

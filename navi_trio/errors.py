@@ -40,5 +40,9 @@ class StoreError(NaviError):
     """The store could not do what was asked (locked, read-only, disk full, ...)."""
 
 
+class SessionGone(StoreError):
+    """The session was deleted: a run or upload racing its DELETE finds it gone."""
+
+
 class GrammarError(NaviError):
     """Code tried to append an event the run grammar does not allow (a bug, not input)."""

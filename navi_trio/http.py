@@ -13,7 +13,6 @@ import uuid
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
-import attrs
 import orjson
 import structlog
 import trio
@@ -21,6 +20,7 @@ import trio
 from . import uploads
 from .auth import AccessDenied, AuthError, User, authenticate, bearer_token, check_access
 from .errors import StoreError
+from .responses import RawBody, RequestBody, send_json
 from .store import find_session
 
 if TYPE_CHECKING:
@@ -54,33 +54,11 @@ ROUTES: Final = [
 STREAMED: Final = 0
 
 
-@attrs.frozen
-class RawBody:
-    """A body that is not JSON (the metrics exposition)."""
-
-    content: bytes
-    content_type: str
-
-
 class HTTPError(Exception):
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
-
-
-async def _send_json(send: Send, status: int, body: Any) -> None:
-    if isinstance(body, RawBody):
-        payload, content_type = body.content, body.content_type.encode()
-    else:
-        payload, content_type = b"" if body is None else orjson.dumps(body), b"application/json"
-    headers = [(b"content-length", str(len(payload)).encode())]
-    if body is not None:
-        headers.append((b"content-type", content_type))
-    if status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
 
 
 async def read_body(receive: Receive, limit: int, too_large: str | None = None) -> bytes:
@@ -121,28 +99,31 @@ class HttpApi:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
+        # What is left unread of the body when the answer is ready is drained, or the
+        # answer closes the connection (``responses``): a pooled client's next request works.
+        receive = body = RequestBody(receive, scope)
         try:
             for pattern, name in ROUTES:
                 m = pattern.match(path)
                 if m:
-                    status, body = await self._dispatch(name, method, m.groupdict().get("sid"), scope, receive, send)
+                    status, answer = await self._dispatch(name, method, m.groupdict().get("sid"), scope, receive, send)
                     break
             else:
                 raise HTTPError(404, "Not Found")
         except HTTPError as exc:
-            status, body = exc.status, {"detail": exc.detail}
+            status, answer = exc.status, {"detail": exc.detail}
         except AuthError as exc:
-            status, body = 401, {"detail": str(exc)}
+            status, answer = 401, {"detail": str(exc)}
         except AccessDenied as exc:
-            status, body = 403, {"detail": str(exc)}
+            status, answer = 403, {"detail": str(exc)}
         except StoreError as exc:
             log.error("http.store_error", path=path, error=str(exc))
-            status, body = 503, {"detail": "Storage is unavailable; try again shortly."}
+            status, answer = 503, {"detail": "Storage is unavailable; try again shortly."}
         except Exception:
             log.exception("http.unexpected_error", path=path, method=method)
-            status, body = 500, {"detail": "Internal server error"}
-        if status != STREAMED:
-            await _send_json(send, status, body)
+            status, answer = 500, {"detail": "Internal server error"}
+        if status != STREAMED:  # a streamed answer was sent by its route
+            await send_json(send, status, answer, request_body=body)
 
     async def _caller(self, scope: Scope) -> User | None:
         user = await authenticate(self.store, self.settings.auth, bearer_token(scope["headers"]))
@@ -254,6 +235,11 @@ class HttpApi:
         if run is not None:
             await run.done.wait()
         await self.store.delete_session(sid)
+        # A message that came while the delete was written started a run: stop that too
+        # (one that comes later finds the session gone and ends as deleted, runs.py).
+        run = self.registry.stop(sid, "deleted")
+        if run is not None:
+            await run.done.wait()
         await trio.to_thread.run_sync(uploads.delete_session_uploads, self.settings.data_dir, session.user_id, sid)
         self.registry.close_followers(sid, 4004, "Session deleted")
         log.info("session.deleted", session_id=sid)
@@ -273,8 +259,17 @@ class HttpApi:
             if header == b"content-length" and value.isdigit() and int(value) > limit:
                 raise HTTPError(413, too_large)
         body = await read_body(receive, limit, too_large)
-        saved = await trio.to_thread.run_sync(
-            uploads.save_upload, self.settings.data_dir, session.user_id, session.id, name, body
-        )
+        folder = uploads.session_dir(self.settings.data_dir, session.user_id, session.id)
+        try:
+            saved = await trio.to_thread.run_sync(uploads.save_upload, folder, session.id, name, body)
+        except OSError as exc:  # full, read-only, or not a directory: the store's answer
+            log.warning("upload.not_saved", session_id=session.id, error=str(exc))
+            raise HTTPError(503, "Storage cannot take this upload; try again later.") from None
+        # DELETE may have come while the body arrived (it removes the session, then its
+        # folder): if the session is gone now, what was just written is removed too. If it
+        # still exists, a DELETE that follows removes the folder after this point.
+        if await self.store.get_session(session.id) is None:
+            await trio.to_thread.run_sync(uploads.discard_upload, folder, name)
+            raise HTTPError(404, "Session not found")
         log.info("upload.saved", session_id=session.id, name=name, size=len(body))
         return 201, saved

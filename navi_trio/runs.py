@@ -21,7 +21,7 @@ import attrs
 import structlog
 import trio
 
-from .errors import AgentError, QueueFull, RunAlreadyActive, ShuttingDown, StoreError
+from .errors import AgentError, QueueFull, RunAlreadyActive, SessionGone, ShuttingDown, StoreError
 from .events import REPLAY_END, SESSION_SYNC, Event, RunLog, count_frames, replay_start_frame
 from .metrics import Metrics
 from .store.base import Answer, NewRun, utc_now
@@ -592,6 +592,12 @@ class RunRegistry:
         except AgentError as exc:
             log.info("run.agent_error", error=str(exc))
             run.publish(run.log.error(str(exc)))
+        except SessionGone:
+            # A message that raced its session's DELETE: the run ends as a deleted
+            # session's runs do. Nothing failed, so nothing is logged as an error.
+            log.info("run.session_gone")
+            run.stop_reason = "deleted"
+            run.publish(run.log.stopped("deleted"))
         except StoreError as exc:
             log.error("run.store_error", error=str(exc))
             run.publish(run.log.error(f"Storage error: {exc}"))

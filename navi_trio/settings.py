@@ -13,6 +13,8 @@ from typing import Any
 
 import attrs
 
+from .origins import OriginPolicy
+
 
 def _is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
@@ -58,6 +60,9 @@ class Settings:
     script_max_seconds: float = 3600.0
     #: Events any run may hold, of any agent; past it the run ends with an ``error``.
     max_run_events: int = 200_000
+    #: Browser origins served besides the server's own (CONTRACT section 1, "Browsers"):
+    #: comma-separated ``scheme://host[:port]``, or ``*`` for any.
+    allowed_origins: str = ""
     #: hypercorn's access log: "" (off), "-" (stderr) or a file; tokens are redacted.
     access_log: str = ""
     #: The OpenAI-compatible endpoint of ``--agent openai`` (CONTRACT section 5).
@@ -135,6 +140,7 @@ class Settings:
             raise ValueError("max_run_events must be at least 4 (a run's start, one event, what closes it, its end)")
         if self.outbox_size < 1 or self.max_queued_runs < 0:
             raise ValueError("outbox_size must be >= 1 and max_queued_runs >= 0")
+        OriginPolicy.parse(self.allowed_origins)  # raises ValueError naming the bad entry
 
 
 def _convert(type_: Any, raw: str) -> Any:

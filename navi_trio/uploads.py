@@ -7,6 +7,7 @@ Everything here is synchronous file-system work: call it through ``trio.to_threa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -59,10 +60,10 @@ def public_path(session_id: str, name: str) -> str:
     return f"uploads/{session_id}/{name}"
 
 
-def save_upload(data_dir: Path, user_id: str | None, session_id: str, name: str, body: bytes) -> dict[str, str]:
-    """Write an upload atomically (temp file, then rename). Returns ``{"name", "path"}``."""
+def save_upload(folder: Path, session_id: str, name: str, body: bytes) -> dict[str, str]:
+    """Write an upload into its session's ``folder`` atomically (temp file, then rename).
+    Returns ``{"name", "path"}``; raises ``OSError`` when storage cannot take it."""
     name = safe_name(name)
-    folder = session_dir(data_dir, user_id, session_id)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".upload-")
     try:
@@ -73,6 +74,14 @@ def save_upload(data_dir: Path, user_id: str | None, session_id: str, name: str,
         Path(tmp).unlink(missing_ok=True)
         raise
     return {"name": name, "path": public_path(session_id, name)}
+
+
+def discard_upload(folder: Path, name: str) -> None:
+    """Remove an upload just written for a session deleted meanwhile, and its folder if
+    that leaves it empty (another upload may still be finishing into it)."""
+    (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def resolve_upload(data_dir: Path, user_id: str | None, session_id: str, name: object, path: object) -> Path:

@@ -12,7 +12,7 @@ import attrs
 import trio
 
 from ..auth import User
-from ..errors import StoreError
+from ..errors import SessionGone, StoreError
 from .base import Answer, MessageRecord, NewRun, SessionRecord, utc_now
 
 
@@ -52,16 +52,20 @@ class MemoryStore:
         return [m for m in self.messages.get(session_id, []) if m.status != "running"]
 
     async def begin_run(self, new_run: NewRun) -> None:
-        await trio.lowlevel.checkpoint()
-        msgs = self.messages.setdefault(new_run.session_id, [])
-        msgs.append(
-            MessageRecord(new_run.user_message_id, "user", new_run.user_content, new_run.created_at, "complete")
-        )
-        msgs.append(MessageRecord(new_run.answer_id, "assistant", "", new_run.created_at, "running", "", []))
+        await self.begin_runs([new_run])
 
     async def begin_runs(self, new_runs: list[NewRun]) -> None:
+        """All or nothing, as the database's transaction; a deleted session fails it as
+        the database's foreign key would."""
+        await trio.lowlevel.checkpoint()
+        if any(new_run.session_id not in self.sessions for new_run in new_runs):
+            raise SessionGone("the session was deleted")
         for new_run in new_runs:
-            await self.begin_run(new_run)
+            msgs = self.messages.setdefault(new_run.session_id, [])
+            msgs.append(
+                MessageRecord(new_run.user_message_id, "user", new_run.user_content, new_run.created_at, "complete")
+            )
+            msgs.append(MessageRecord(new_run.answer_id, "assistant", "", new_run.created_at, "running", "", []))
 
     async def save_answer(self, answer: Answer) -> None:
         await trio.lowlevel.checkpoint()

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import trio
 
 from ..auth import User, digests_equal
-from ..errors import StoreError
+from ..errors import SessionGone, StoreError
 from .base import Answer, MessageRecord, NewRun, SessionRecord, utc_now
 from .cache import SessionCache
 
@@ -246,7 +246,12 @@ class SqliteStore:
                         (new_run.answer_id, new_run.session_id, ord_ + 2, new_run.created_at),
                     )
 
-        await self._call("saving the user's message", q)
+        try:
+            await self._call("saving the user's message", q)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError) and "FOREIGN KEY" in str(exc.__cause__):
+                raise SessionGone("the session was deleted") from None
+            raise
 
     async def save_answer(self, answer: Answer) -> None:
         tool_calls = json.dumps(answer.tool_calls)
