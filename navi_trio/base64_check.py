@@ -4,7 +4,7 @@
 it stalled every stream), and decoding is not needed to know the answer. The rules are
 those of ``a2b_base64(s, strict_mode=True)``: only the 64 alphabet characters, then at
 most two ``=``, and a length that is a multiple of 4. Each chunk is one C call
-(``bytes.translate`` deletes the alphabet; whatever is left is not base64), ~1 ms here.
+(``bytes.translate`` deletes the alphabet; whatever is left is not base64), ~0.2 ms here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Final
 import trio
 
 #: Characters per step.
-CHUNK: Final = 256 * 1024
+CHUNK: Final = 64 * 1024
 ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 

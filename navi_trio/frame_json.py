@@ -29,8 +29,8 @@ LARGE_FRAME: Final = 256 * 1024
 LONG_STRING: Final = 16 * 1024
 #: A skeleton larger than this is no message: parsed in one call, as any frame was.
 MAX_SKELETON: Final = 1024 * 1024
-#: Characters checked between two checkpoints (~1 ms of work).
-CHUNK: Final = 256 * 1024
+#: Characters checked between two checkpoints (~0.2 ms of work here).
+CHUNK: Final = 64 * 1024
 #: Printable ASCII, allowed raw in a JSON string (everything but U+0000..U+001F).
 _JSON_ASCII: Final = bytes(range(0x20, 0x80))
 _CONTROL: Final = re.compile("[\x00-\x1f]")
