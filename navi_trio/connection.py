@@ -323,7 +323,7 @@ class Connection:
 
     async def _handle(self, text: str) -> None:
         try:
-            data = await frame_json.loads(text)
+            data = await frame_json.loads(text, images_checked_later=True)  # by check_base64
         except orjson.JSONDecodeError:
             await self._answer_error("Invalid JSON")
             return

@@ -104,6 +104,21 @@ async def test_any_json_value_in_a_large_frame_parses_as_orjson_parses_it(value:
     assert await same_as_orjson(padding + text) is not None
 
 
+async def test_images_checked_later_skip_only_the_images_control_check() -> None:
+    """The caller's base64 check refuses what the skipped check would have."""
+    control_in_image = frame(images=[B64 + "\u0001"]).replace("\\u0001", "\u0001")
+    got = await frame_json.loads(control_in_image, images_checked_later=True)
+    assert got["images"] == [B64 + "\u0001"]
+    assert not await is_base64(got["images"][0])
+    control_in_content = json.dumps({"type": "message", "content": B64 + "\u0001", "images": []})
+    control_in_content = control_in_content.replace("\\u0001", "\u0001")
+    with pytest.raises(orjson.JSONDecodeError):
+        await frame_json.loads(control_in_content, images_checked_later=True)
+    nested = json.dumps({"type": "message", "content": "c", "images": [], "x": {"images": [B64 + "\u0001"]}})
+    with pytest.raises(orjson.JSONDecodeError):
+        await frame_json.loads(nested.replace("\\u0001", "\u0001"), images_checked_later=True)
+
+
 async def count_checkpoints(work: Callable[[], Awaitable[Any]]) -> int:
     """How many times another task got to run while ``work`` ran."""
     steps = 0
@@ -197,6 +212,10 @@ BAD_IMAGE_ANSWERS = {
         "Image 2 is not a base64 data: URL.",
     ),
     "too many images": (frame(images=[B64] + ["aGk="] * 8), "Too many images (9). Max 8 allowed."),
+    "a control character in an image": (
+        frame(images=["aGk=", B64[:1000] + "\u0000" + B64[1000:]]).replace("\\u0000", "\u0000"),
+        "Image 2 is not valid base64.",
+    ),
     "not JSON": ("{" + B64, "Invalid JSON"),
     "not a message": (json.dumps({"type": "massage", "content": "x", "images": [B64]}), None),
 }
