@@ -31,6 +31,8 @@ LONG_STRING: Final = 16 * 1024
 MAX_SKELETON: Final = 1024 * 1024
 #: Characters checked between two checkpoints (~0.2 ms of work here).
 CHUNK: Final = 64 * 1024
+#: Characters searched (``str.find``, memchr speed) between two checkpoints.
+WINDOW: Final = 1024 * 1024
 #: Printable ASCII, allowed raw in a JSON string (everything but U+0000..U+001F).
 _JSON_ASCII: Final = bytes(range(0x20, 0x80))
 _CONTROL: Final = re.compile("[\x00-\x1f]")
@@ -58,15 +60,13 @@ async def loads(text: str, *, images_checked_later: bool = False) -> Any:
         quote = text.find('"', scan)
         if quote < 0:
             break
-        end = text.find('"', quote + 1)
-        if end < 0:
+        end = await _plain_end(text, quote)
+        if end == -1:
             break  # unterminated: orjson says so on the skeleton
-        if text.find("\\", quote + 1, end) >= 0:
-            # An escape: this literal may not even end here. Rare for a long one (base64
-            # needs none), and small ones are what orjson does fast: the one-call path.
-            if end - quote > LONG_STRING:
-                await trio.lowlevel.checkpoint()
-                return orjson.loads(text)
+        if end == -2:
+            # An escape: this literal may not even end at the next quote. Rare for a long
+            # one (base64 needs none), and short ones are what orjson does fast; a long one
+            # takes the one-call path.
             end = _escaped_end(text, quote)
             if end < 0:
                 await trio.lowlevel.checkpoint()
@@ -97,6 +97,23 @@ async def loads(text: str, *, images_checked_later: bool = False) -> Any:
         if key not in skip and await _has_control(text, start, end):
             raise orjson.JSONDecodeError("control character in a string", text, start)
     return await _restore(data, cut, text)
+
+
+async def _plain_end(text: str, quote: int) -> int:
+    """Index of the quote that ends the literal opening at ``quote`` if no backslash comes
+    first (-2 if one does, -1 if no quote ends it); a checkpoint after every :data:`WINDOW`."""
+    at = quote + 1
+    n = len(text)
+    while at < n:
+        stop = min(n, at + WINDOW)
+        end = text.find('"', at, stop)
+        if text.find("\\", at, stop if end < 0 else end) >= 0:
+            return -2
+        if end >= 0:
+            return end
+        at = stop
+        await trio.lowlevel.checkpoint()
+    return -1
 
 
 _ESCAPED: Final = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)
