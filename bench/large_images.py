@@ -16,7 +16,9 @@ Two figures per phase, over the probe's deltas:
   loop was busy.
 The loaded phase counts only the deltas due while the load was in flight (from its first
 byte to the last image run's terminal event). It prints p50/p99 of both and the p99
-differences (loaded - unloaded); the goal is a ``late`` p99 difference within +50 ms.
+differences (loaded - unloaded). Issue 10's goal is on ``lat``, the figure it measured
+(2 ms unloaded, 558 ms under this load): within +50 ms. ``late`` shows more: a stream
+that falls behind its schedule while the server's CPU is saturated by the load.
 
     python bench/large_images.py              # 6 x 50 MB
     python bench/large_images.py --messages 2 --mb 20
@@ -183,7 +185,7 @@ async def main(a: argparse.Namespace) -> int:
         print(f" {ms(pct(late, 0.5)):>11} {ms(pct(late, 0.99)):>11}")
     d_lat = pct(l_lat, 0.99) - pct(q_lat, 0.99)
     d_late = pct(l_late, 0.99) - pct(q_late, 0.99)
-    print(f"difference p99: lat {ms(d_lat).strip()} ms, late {ms(d_late).strip()} ms (goal: late within +50 ms)")
+    print(f"difference p99: lat {ms(d_lat).strip()} ms, late {ms(d_late).strip()} ms (goal: lat within +50 ms)")
     return 0
 
 
