@@ -26,6 +26,8 @@ import httpx
 import trio
 import trio.testing
 
+from navi_trio.store.sqlite import SqliteStore
+
 from .helpers import open_server, script
 
 MB = 1024 * 1024
@@ -269,3 +271,28 @@ async def test_a_413_before_the_body_keeps_a_pooled_client_working(tmp_path: Pat
                 r = await server.http.post(f"/sessions/{sid}/files", params={"name": "a"}, content=b"x" * 4 * MB)
                 assert r.status_code == 413
                 assert (await server.http.get(f"/sessions/{sid}")).status_code == 200
+
+
+async def test_a_read_racing_a_delete_does_not_bring_the_session_back_into_the_cache(tmp_path: Path) -> None:
+    """The upload's check after writing asks the store: a read that began before the
+    DELETE must not put the deleted session back into the SQLite store's cache.
+
+    The read's thread may finish before the delete starts (then there is no race), so
+    the race is run on 20 sessions: it happens in most of them."""
+    db = tmp_path / "navi.sqlite3"
+    first = await SqliteStore.open(db)
+    sids = [f"s{i}" for i in range(20)]
+    for sid in sids:
+        await first.create_session(sid, "t", None)
+    first.close()
+    store = await SqliteStore.open(db)  # a cold cache: each read goes to the database
+    try:
+        for sid in sids:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.get_session, sid)  # reads the row first (one thread at a time)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(store.delete_session, sid)
+            assert store.cached_session(sid) is None, sid
+            assert await store.get_session(sid) is None
+    finally:
+        store.close()
