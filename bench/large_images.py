@@ -179,9 +179,10 @@ async def main(a: argparse.Namespace) -> int:
     q_lat, q_late = figures(quiet)
     l_lat, l_late = figures(in_load)
     print(f"load: {a.messages} x {a.mb:g} MB image messages, in flight {window['done'] - window['start']:.2f} s")
-    print(f"{'phase':10} {'n':>5} {'lat_p50_ms':>10} {'lat_p99_ms':>10} {'late_p50_ms':>11} {'late_p99_ms':>11}")
+    print(f"{'phase':10} {'n':>5} {'lat_p50_ms':>10} {'lat_p99_ms':>10} {'lat_max_ms':>10}", end="")
+    print(f" {'late_p50_ms':>11} {'late_p99_ms':>11}")
     for name, lat, late in (("unloaded", q_lat, q_late), ("loaded", l_lat, l_late)):
-        print(f"{name:10} {len(lat):5} {ms(pct(lat, 0.5)):>10} {ms(pct(lat, 0.99)):>10}", end="")
+        print(f"{name:10} {len(lat):5} {ms(pct(lat, 0.5)):>10} {ms(pct(lat, 0.99)):>10} {ms(max(lat)):>10}", end="")
         print(f" {ms(pct(late, 0.5)):>11} {ms(pct(late, 0.99)):>11}")
     d_lat = pct(l_lat, 0.99) - pct(q_lat, 0.99)
     d_late = pct(l_late, 0.99) - pct(q_late, 0.99)
