@@ -261,7 +261,9 @@ class HttpApi:
         body = await read_body(receive, limit, too_large)
         folder = uploads.session_dir(self.settings.data_dir, session.user_id, session.id)
         try:
-            saved = await trio.to_thread.run_sync(uploads.save_upload, folder, session.id, name, body)
+            saved = await trio.to_thread.run_sync(
+                uploads.save_upload, self.settings.data_dir, session.user_id, session.id, name, body
+            )
         except OSError as exc:  # full, read-only, or not a directory: the store's answer
             log.warning("upload.not_saved", session_id=session.id, error=str(exc))
             raise HTTPError(503, "Storage cannot take this upload; try again later.") from None

@@ -346,7 +346,7 @@ class ProtocolRoutes:
                 request, upload_dir=uploads.session_dir(settings.data_dir, session.user_id, session.id)
             )
             if request.images:
-                await trio.to_thread.run_sync(check_base64, request.images)
+                await check_base64(request.images)  # in steps on the loop (issue 10)
         except BadClientMessage as exc:
             raise HTTPError(422, str(exc)) from None
         if files:

@@ -60,10 +60,11 @@ def public_path(session_id: str, name: str) -> str:
     return f"uploads/{session_id}/{name}"
 
 
-def save_upload(folder: Path, session_id: str, name: str, body: bytes) -> dict[str, str]:
-    """Write an upload into its session's ``folder`` atomically (temp file, then rename).
-    Returns ``{"name", "path"}``; raises ``OSError`` when storage cannot take it."""
+def save_upload(data_dir: Path, user_id: str | None, session_id: str, name: str, body: bytes) -> dict[str, str]:
+    """Write an upload atomically (temp file, then rename). Returns ``{"name", "path"}``;
+    raises ``OSError`` when storage cannot take it (full, read-only, not a directory)."""
     name = safe_name(name)
+    folder = session_dir(data_dir, user_id, session_id)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".upload-")
     try:
