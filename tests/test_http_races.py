@@ -18,14 +18,19 @@ import contextlib
 import resource
 import signal
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
+from navi_trio.errors import SessionGone
+from navi_trio.store import Store
+from navi_trio.store.base import NewRun, utc_now
 from navi_trio.store.sqlite import SqliteStore
 
 from .helpers import open_server, script
@@ -296,3 +301,19 @@ async def test_a_read_racing_a_delete_does_not_bring_the_session_back_into_the_c
             assert await store.get_session(sid) is None
     finally:
         store.close()
+
+
+async def test_every_store_says_session_gone_for_a_run_of_a_deleted_session(any_store: Store) -> None:
+    """What a run racing its session's DELETE meets in each store: not a storage fault
+    (logged as an error) but :class:`SessionGone`, and nothing is written."""
+    await any_store.create_session("kept", "t", None)
+    await any_store.create_session("gone", "t", None)
+    await any_store.delete_session("gone")
+    runs = [NewRun(sid, uuid.uuid4().hex, "hi", uuid.uuid4().hex, utc_now()) for sid in ("kept", "gone")]
+    with pytest.raises(SessionGone):
+        await any_store.begin_runs(runs[1:])
+    with pytest.raises(SessionGone):
+        await any_store.begin_runs(runs)  # all or nothing
+    assert await any_store.list_messages("kept") == []
+    assert await any_store.list_messages("gone") == []
+    assert await any_store.get_session("gone") is None

@@ -34,7 +34,7 @@ import trio
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from ..auth import User, digests_equal
-from ..errors import StoreError
+from ..errors import SessionGone, StoreError
 from .base import Answer, MessageRecord, NewRun, SessionRecord, utc_now
 from .cache import SessionCache
 
@@ -397,7 +397,12 @@ class PostgresStore:
             "INSERT INTO messages (id, session_id, role, content, thinking, tool_calls, status, created_at)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
         )
-        await self._call("saving the user's message", partial(_in_one_transaction, sql, rows))
+        try:
+            await self._call("saving the user's message", partial(_in_one_transaction, sql, rows))
+        except StoreError as exc:
+            if isinstance(exc.__cause__, psycopg.errors.ForeignKeyViolation):
+                raise SessionGone("the session was deleted") from None  # a message racing its DELETE
+            raise
 
     async def save_answer(self, answer: Answer) -> None:
         tool_calls = json.dumps(answer.tool_calls)
