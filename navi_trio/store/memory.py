@@ -59,7 +59,7 @@ class MemoryStore:
         the database's foreign key would."""
         await trio.lowlevel.checkpoint()
         if any(new_run.session_id not in self.sessions for new_run in new_runs):
-            raise SessionGone("the session was deleted")
+            raise SessionGone("the session was deleted before saving the user's message")
         for new_run in new_runs:
             msgs = self.messages.setdefault(new_run.session_id, [])
             msgs.append(

@@ -400,8 +400,8 @@ class PostgresStore:
         try:
             await self._call("saving the user's message", partial(_in_one_transaction, sql, rows))
         except StoreError as exc:
-            if isinstance(exc.__cause__, psycopg.errors.ForeignKeyViolation):
-                raise SessionGone("the session was deleted") from None  # a message racing its DELETE
+            if isinstance(exc.__cause__, psycopg.errors.ForeignKeyViolation):  # a message racing its DELETE
+                raise SessionGone("the session was deleted before saving the user's message") from None
             raise
 
     async def save_answer(self, answer: Answer) -> None:

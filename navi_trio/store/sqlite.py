@@ -250,7 +250,7 @@ class SqliteStore:
             await self._call("saving the user's message", q)
         except StoreError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError) and "FOREIGN KEY" in str(exc.__cause__):
-                raise SessionGone("the session was deleted") from None
+                raise SessionGone("the session was deleted before saving the user's message") from None
             raise
 
     async def save_answer(self, answer: Answer) -> None:
