@@ -80,8 +80,8 @@ async def send_json(
     request_body: RequestBody | None = None,
 ) -> None:
     """Answer ``status`` with ``body`` as JSON (None: no body; a :class:`RawBody` as it is).
-    With ``request_body``, the
-    request's unread body is drained first, or the answer closes the connection."""
+    With ``request_body``, the request's unread body is drained first, or the answer closes
+    the connection."""
     close = request_body is not None and not await request_body.drain()
     if isinstance(body, RawBody):
         payload, content_type = body.content, body.content_type.encode()
