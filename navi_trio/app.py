@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import signal
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
@@ -61,6 +62,8 @@ class Services:
         )
         self.pacer = pacer
         self.origins = OriginPolicy.parse(settings.allowed_origins)
+        #: Counts a request or WebSocket refused for its Origin.
+        self.origin_refused = partial(registry.metrics.refused, "origin")
 
 
 class NaviApp:
@@ -85,14 +88,15 @@ class NaviApp:
         if kind == "http":
             services = self._services(scope)
             asset = page_asset(scope["path"])
+            refused = services.origin_refused
             if asset is None:
-                await serve_http(services.origins, services.http, scope, receive, send)
+                await serve_http(services.origins, services.http, scope, receive, send, refused)
             else:
 
                 async def page(scope: Scope, receive: Receive, send: Send) -> None:
                     await serve_page(asset, scope, send)
 
-                await serve_http(services.origins, page, scope, receive, send)
+                await serve_http(services.origins, page, scope, receive, send, refused)
         elif kind == "websocket":
             await self.websocket(scope, receive, send)
         elif kind == "lifespan":
@@ -247,6 +251,7 @@ class NaviApp:
 
         origin = header(scope, b"origin")  # a browser's: a page of another site must not hijack
         if origin is not None and not services.origins.allows(origin, header(scope, b"host")):
+            services.origin_refused()
             await close(CLOSE_DENIED, ORIGIN_REFUSED)
             return None
 

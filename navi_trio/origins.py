@@ -84,14 +84,24 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def serve_http(policy: OriginPolicy, app: AsgiApp, scope: Scope, receive: Receive, send: Send) -> None:
-    """Run ``app`` for an HTTP request, as the Origin rules say: refused with 403, a
-    preflight answered here, an allowed origin's answers given CORS headers."""
+async def serve_http(
+    policy: OriginPolicy,
+    app: AsgiApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    on_refused: Callable[[], None] | None = None,
+) -> None:
+    """Run ``app`` for an HTTP request, as the Origin rules say: refused with 403 (and
+    ``on_refused`` told, for the metrics), a preflight answered here, an allowed origin's
+    answers given CORS headers."""
     origin = header(scope, b"origin")
     if origin is None:
         await app(scope, receive, send)
         return
     if not policy.allows(origin, header(scope, b"host")):
+        if on_refused is not None:
+            on_refused()
         await send_json(send, 403, {"detail": REFUSED}, request_body=RequestBody(receive, scope))
         return
     cors = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"origin")]

@@ -39,6 +39,7 @@ from .test_cli import (
     ws_connect,
 )
 from .test_durability import hold_exclusive_lock
+from .test_origins import ws_first
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -327,11 +328,16 @@ async def test_refused_connections_by_reason(tmp_path: Path) -> None:
                 assert await other.until_closed() == 4003
             async with server.connect("nosuchsession", f"token={token}") as lost:
                 assert await lost.until_closed() == 4004
+            # Another site's page: its WebSocket and its request are refused for the Origin.
+            assert await ws_first(server, sid, "https://evil.example") == (4003, "Origin not allowed")
+            refused = await server.http.get("/sessions", headers={"origin": "https://evil.example"})
+            assert refused.status_code == 403
             got = await scrape(server)
         assert value(got, "navi_connections_refused_total", reason="limit") == 1
         assert value(got, "navi_connections_refused_total", reason="auth") == 1
         assert value(got, "navi_connections_refused_total", reason="forbidden") == 1
         assert value(got, "navi_connections_refused_total", reason="not_found") == 1
+        assert value(got, "navi_connections_refused_total", reason="origin") == 2
         assert value(got, "navi_websocket_connections") == 1  # the refused ones never served
 
 
