@@ -134,7 +134,9 @@ class Metrics:
             "navi_websocket_connections", "Open WebSocket connections", registry=r, multiprocess_mode="livesum"
         )
         self._events_sent = Counter(
-            "navi_events_sent", "Frames written to WebSocket clients (a merged frame counts once)", registry=r
+            "navi_events_sent",
+            "Run events written to clients over WebSocket and SSE (a merged one counts once)",
+            registry=r,
         )
         self._stop = Histogram(
             "navi_stop_seconds", "From a client's stop to the run's answer saved", registry=r, buckets=_STOP

@@ -29,6 +29,7 @@ from .connection import ALREADY_RUNNING, MAX_IMAGE_BYTES, check_base64, parse_me
 from .errors import BadClientMessage, QueueFull, RunAlreadyActive, ShuttingDown, StoreError
 from .events import Event
 from .http import STREAMED, HTTPError, read_body
+from .metrics import Tally
 from .protocols import ag_ui, ai_sdk, sse
 from .store import find_session
 from .uploads import BadUpload
@@ -82,9 +83,20 @@ class SseStream:
     """
 
     def __init__(
-        self, send: Send, receive: Receive, translator: Translator, *, heartbeat_s: float, outbox_size: int, end: bytes
+        self,
+        send: Send,
+        receive: Receive,
+        translator: Translator,
+        *,
+        heartbeat_s: float,
+        outbox_size: int,
+        end: bytes,
+        tally: Tally | None = None,
     ) -> None:
         self._send = send
+        #: Where the events written are counted (``navi_events_sent_total``), as a
+        #: WebSocket's writer counts its frames: a plain int on the hot path.
+        self._tally = tally if tally is not None else Tally()
         self._receive = receive
         self._translator = translator
         self._end = end
@@ -189,6 +201,8 @@ class SseStream:
                     chunk += self._end
             await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
             self.last_send = trio.current_time()
+            if not isinstance(item, bytes):  # a run's event (maybe merged), not a keep-alive
+                self._tally.frames_sent += 1
             if translator.done:
                 return
 
@@ -264,7 +278,13 @@ class ProtocolRoutes:
         (the run is not touched: it goes on and saves its answer)."""
         settings = self.settings
         stream = SseStream(
-            send, receive, translator, heartbeat_s=settings.heartbeat_s, outbox_size=settings.outbox_size, end=end
+            send,
+            receive,
+            translator,
+            heartbeat_s=settings.heartbeat_s,
+            outbox_size=settings.outbox_size,
+            end=end,
+            tally=self.registry.metrics.tally,
         )
         try:
             await stream.serve(run, headers, self.pacer)

@@ -40,6 +40,7 @@ from .test_cli import (
 )
 from .test_durability import hold_exclusive_lock
 from .test_origins import ws_first
+from .test_protocol_sse import chat_body, read_sse, sse
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -578,3 +579,18 @@ async def test_every_workers_metrics_on_any_worker(tmp_path: Path) -> None:
             assert value(got, "navi_runs_active") == 0
             pids = {p.stem.rsplit("_", 1)[-1] for p in prom.glob("*.db")}
             assert len(pids) == 2, sorted(prom.iterdir())
+
+
+async def test_sse_events_are_counted_as_events_sent() -> None:
+    """A run followed over ``/api/chat`` counts its SSE events in navi_events_sent_total,
+    as a WebSocket's frames are (keep-alive comments are not events)."""
+    with trio.fail_after(20):
+        async with open_server() as server:
+            before = value(await scrape(server), "navi_events_sent_total")
+            body = chat_body("counted", script({"text": "a "}))
+            async with sse(server, "POST", "/api/chat", body) as r:
+                chunks, _ = await read_sse(r)
+            got = await scrape_until(server, lambda got: runs(got, "complete") == 1)
+    # One SSE write per run event: stream_start, the delta, stream_end.
+    assert value(got, "navi_events_sent_total") - before == 3
+    assert [c.get("type") for c in chunks][-2:] == ["finish", None]  # then [DONE]
