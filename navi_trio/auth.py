@@ -9,45 +9,20 @@ of digests is constant-time anyway. Nothing here logs or returns a token except
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import secrets
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
-import attrs
-
 from .errors import NaviError
 
 if TYPE_CHECKING:
-    from .store.base import SessionRecord, Store
+    from .store.base import SessionRecord, Store, User
 
 TOKEN_PREFIX: Final = "nv_"
 _TOKEN_SHAPE: Final = re.compile(r"^nv_[A-Za-z0-9_-]{40,64}$")
 _USER_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 ROLES: Final = ("user", "admin")
-
-
-@attrs.frozen
-class User:
-    id: str
-    name: str
-    role: str
-    created_at: str
-    revoked: bool = False
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "role": self.role,
-            "created_at": self.created_at,
-            "revoked": self.revoked,
-        }
 
 
 class AuthError(NaviError):
@@ -64,10 +39,6 @@ def new_token() -> str:
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def digests_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def well_formed(token: str) -> bool:

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import __version__
-from .auth import ROLES, User, hash_token, new_token, valid_user_name
+from .auth import ROLES, hash_token, new_token, valid_user_name
 from .chat.client import add_arguments as add_chat_arguments
 from .chat.client import main as chat_main
 from .errors import StoreError
 from .logs import configure_logging
 from .settings import Settings
-from .store.base import utc_now
+from .store.base import User, utc_now
 from .store.sqlite import SqliteStore
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ import structlog
 import trio
 
 from . import uploads
-from .auth import AccessDenied, AuthError, User, authenticate, bearer_token, check_access
+from .auth import AccessDenied, AuthError, authenticate, bearer_token, check_access
 from .errors import StoreError
 from .responses import RawBody, RequestBody, send_json
 from .store import find_session
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .protocol_routes import ProtocolRoutes
     from .runs import RunRegistry
     from .settings import Settings
-    from .store.base import SessionRecord, Store
+    from .store.base import SessionRecord, Store, User
 
 log = structlog.get_logger("navi_trio.http")
 

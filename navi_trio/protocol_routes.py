@@ -37,10 +37,9 @@ from .uploads import BadUpload
 if TYPE_CHECKING:
     from .agents.pacing import Pacer
     from .asgi_types import Receive, Scope, Send
-    from .auth import User
     from .runs import Run, RunRegistry, RunRequest, Subscriber
     from .settings import Settings
-    from .store.base import SessionRecord
+    from .store.base import SessionRecord, User
 
 log = structlog.get_logger("navi_trio.protocol_routes")
 

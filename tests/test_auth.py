@@ -27,8 +27,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, wrap_client_stream
 
-from navi_trio.auth import User, hash_token, new_token
-from navi_trio.store.base import utc_now
+from navi_trio.auth import hash_token, new_token
+from navi_trio.store.base import User, utc_now
 
 from .helpers import Client, Server, assert_grammar, open_server, script
 from .pg import server_settings

@@ -22,9 +22,8 @@ import psycopg
 import pytest
 import trio
 
-from navi_trio.auth import User
 from navi_trio.errors import StoreError
-from navi_trio.store import Answer, MemoryStore, NewRun, SqliteStore, Store
+from navi_trio.store import Answer, MemoryStore, NewRun, SqliteStore, Store, User
 from navi_trio.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from navi_trio.store.postgres import POOL_SIZE, PostgresStore
 

@@ -19,8 +19,8 @@ import httpx
 import pytest
 import trio
 
-from navi_trio.auth import User, hash_token, new_token
-from navi_trio.store.base import utc_now
+from navi_trio.auth import hash_token, new_token
+from navi_trio.store.base import User, utc_now
 
 from .helpers import Client, Server, assert_grammar, open_server
 

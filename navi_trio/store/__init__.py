@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from ..settings import Settings
-from .base import Answer, MessageRecord, NewRun, SessionRecord, Store, find_session
+from .base import Answer, MessageRecord, NewRun, SessionRecord, Store, User, find_session
 from .memory import MemoryStore
 from .sqlite import SqliteStore
 
@@ -18,6 +18,7 @@ __all__ = [
     "SessionRecord",
     "SqliteStore",
     "Store",
+    "User",
     "find_session",
     "open_store",
 ]

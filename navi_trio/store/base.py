@@ -8,16 +8,42 @@ what failed.
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 from typing import Any, Protocol
 
 import attrs
-
-from ..auth import User
 
 
 def utc_now() -> str:
     """ISO 8601 UTC timestamp with milliseconds, as sessions and messages carry it."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@attrs.frozen
+class User:
+    id: str
+    name: str
+    role: str
+    created_at: str
+    revoked: bool = False
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "role": self.role,
+            "created_at": self.created_at,
+            "revoked": self.revoked,
+        }
+
+
+def digests_equal(a: str, b: str) -> bool:
+    """Constant-time comparison of two token digests (a store checks the hash it keeps)."""
+    return hmac.compare_digest(a.encode(), b.encode())
 
 
 @attrs.frozen

@@ -11,9 +11,8 @@ from typing import Any
 import attrs
 import trio
 
-from ..auth import User
 from ..errors import SessionGone, StoreError
-from .base import Answer, MessageRecord, NewRun, SessionRecord, utc_now
+from .base import Answer, MessageRecord, NewRun, SessionRecord, User, utc_now
 
 
 class MemoryStore:

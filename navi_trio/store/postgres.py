@@ -33,9 +33,8 @@ import structlog
 import trio
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from ..auth import User, digests_equal
 from ..errors import SessionGone, StoreError
-from .base import Answer, MessageRecord, NewRun, SessionRecord, utc_now
+from .base import Answer, MessageRecord, NewRun, SessionRecord, User, digests_equal, utc_now
 from .cache import SessionCache
 
 T = TypeVar("T")
