@@ -7,30 +7,25 @@ its own isolated server (STYLE P2, anti-pattern 15).
 
 from __future__ import annotations
 
-import re
 import signal
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qs
 
 import structlog
 import trio
 
 from .agents import make_agent
 from .agents.pacing import Pacer
-from .auth import AccessDenied, AuthError, authenticate, bearer_token, check_access
-from .connection import CLOSE_DENIED, CLOSE_NOT_FOUND, CLOSE_POLICY, CLOSE_RESTART, Connection
+from .connection import CLOSE_RESTART
 from .errors import NaviError
+from .handshake import handshake
 from .http import HttpApi
 from .logs import guard_hypercorn_loggers
 from .metrics import Metrics
-from .origins import REFUSED as ORIGIN_REFUSED
-from .origins import OriginPolicy, header, serve_http
 from .protocol_routes import ProtocolRoutes
 from .runs import RunRegistry
 from .settings import Settings
-from .store import find_session, open_store
+from .store import open_store
 from .tracing import from_env as tracing_from_env
 from .web.page import page_asset, serve_page
 
@@ -40,7 +35,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("navi_trio.app")
 
-_WS_PATH: Final = re.compile(r"^/ws/sessions/(?P<sid>[A-Za-z0-9_-]{1,64})$")
 STATE_KEY: Final = "navi"
 #: How soon a revoked user's open connections are closed (``navi-trio users revoke``
 #: runs in another process, so the server looks at the store).
@@ -61,9 +55,6 @@ class Services:
             registry, registry.store, settings, health=health, protocols=ProtocolRoutes(registry, settings, pacer)
         )
         self.pacer = pacer
-        self.origins = OriginPolicy.parse(settings.allowed_origins)
-        #: Counts a request or WebSocket refused for its Origin.
-        self.origin_refused = partial(registry.metrics.refused, "origin")
 
 
 class NaviApp:
@@ -86,17 +77,11 @@ class NaviApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            services = self._services(scope)
             asset = page_asset(scope["path"])
-            refused = services.origin_refused
-            if asset is None:
-                await serve_http(services.origins, services.http, scope, receive, send, refused)
+            if asset is not None:
+                await serve_page(asset, scope, send)
             else:
-
-                async def page(scope: Scope, receive: Receive, send: Send) -> None:
-                    await serve_page(asset, scope, send)
-
-                await serve_http(services.origins, page, scope, receive, send, refused)
+                await self._services(scope).http(scope, receive, send)
         elif kind == "websocket":
             await self.websocket(scope, receive, send)
         elif kind == "lifespan":
@@ -225,75 +210,13 @@ class NaviApp:
         (4003 authentication / access, 4004 no such session), as the contract says.
 
         Why two steps: this frame lives as long as the connection, so the handshake's
-        locals (query, session, user, the close helper) die with ``_handshake`` instead.
+        locals (query, session, user, the close helper) die with ``handshake`` instead.
         """
-        opened = await self._handshake(scope, receive, send)
+        services = self._services(scope)
+        opened = await handshake(scope, receive, send, services.registry, services.settings, services.pacer)
         if opened is not None:
             conn, resume_run_id, resume_after = opened
             await conn.serve(resume_run_id=resume_run_id, resume_after=resume_after)
-
-    async def _handshake(
-        self, scope: Scope, receive: Receive, send: Send
-    ) -> tuple[Connection, str | None, int | None] | None:
-        """Accept the WebSocket, then refuse it with a close code or return its
-        :class:`Connection` and resume point (``run_id``, ``after``)."""
-        message = await receive()
-        if message["type"] != "websocket.connect":
-            return None
-        services = self._services(scope)
-        registry = services.registry
-        settings = services.settings
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        await send({"type": "websocket.accept"})
-
-        async def close(code: int, reason: str) -> None:
-            await send({"type": "websocket.close", "code": code, "reason": reason})
-
-        origin = header(scope, b"origin")  # a browser's: a page of another site must not hijack
-        if origin is not None and not services.origins.allows(origin, header(scope, b"host")):
-            services.origin_refused()
-            await close(CLOSE_DENIED, ORIGIN_REFUSED)
-            return None
-
-        try:
-            user = await authenticate(
-                registry.store, settings.auth, bearer_token(scope["headers"], _first(query, "token"))
-            )
-        except AuthError as exc:
-            registry.metrics.refused("auth")
-            await close(CLOSE_DENIED, str(exc))
-            return None
-        m = _WS_PATH.match(scope["path"])
-        session = await find_session(registry.store, m["sid"]) if m else None
-        if session is None:
-            registry.metrics.refused("not_found")
-            await close(CLOSE_NOT_FOUND, "Session not found")
-            return None
-        try:
-            check_access(session, user)
-        except (AuthError, AccessDenied) as exc:
-            registry.metrics.refused("forbidden")
-            await close(CLOSE_DENIED, str(exc))
-            return None
-        user_id = user.id if user else None
-        if user_id is not None and registry.connections_of(user_id) >= settings.max_connections_per_user:
-            registry.metrics.refused("limit")
-            await close(CLOSE_POLICY, f"Too many connections (max {settings.max_connections_per_user} per user)")
-            return None
-        conn = Connection(
-            registry,
-            session.id,
-            user_id,
-            send,
-            receive,
-            heartbeat_s=settings.heartbeat_s,
-            outbox_size=settings.outbox_size,
-            uploads_root=settings.data_dir,
-            session_owner=session.user_id,
-            max_message_chars=settings.max_message_chars,
-            pacer=services.pacer,
-        )
-        return conn, _first(query, "run_id"), _int_or_none(_first(query, "after"))
 
 
 def _first_error(group: BaseExceptionGroup[Exception]) -> Exception:
@@ -312,20 +235,6 @@ def _describe(error: Exception) -> str:
     if isinstance(error, (NaviError, ValueError)) and text:
         return text
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _first(query: dict[str, list[str]], key: str) -> str | None:
-    values = query.get(key)
-    return values[0] if values else None
-
-
-def _int_or_none(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return max(0, int(value))
-    except ValueError:
-        return None
 
 
 def create_app(settings: Settings | None = None, *, watch_signals: bool = False, **overrides: Any) -> NaviApp:

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
-import attrs
 import orjson
 import structlog
 import trio
 
-from . import frame_json, uploads
 from .agents.pacing import Pacer
-from .base64_check import is_base64
 from .errors import BadClientMessage, QueueFull, RunAlreadyActive, ShuttingDown
 from .events import HEARTBEAT, MERGE_MAX_CHARS, SESSION_SYNC, Event, encode, error_frame
-from .runs import IF_RUNNING, Run, RunRegistry, RunRequest, Subscriber
+from .messages import is_stop, run_request
+from .runs import Run, RunRegistry, Subscriber
 from .uploads import BadUpload
 
 if TYPE_CHECKING:
@@ -36,10 +34,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("navi_trio.connection")
 
-MAX_IMAGES: Final = 8
-MAX_FILES: Final = 32
-MAX_IMAGE_BYTES: Final = 50 * 1024 * 1024
-EXPECTED_MESSAGE: Final = "Expected {type: 'message', content: '...'}"
 ALREADY_RUNNING: Final = "Agent is already running for this session."
 NO_RUN_TO_STOP: Final = "No active run to stop."
 
@@ -323,50 +317,30 @@ class Connection:
 
     async def _handle(self, text: str) -> None:
         try:
-            data = await frame_json.loads(text, images_checked_later=True)  # by check_base64
+            data = orjson.loads(text)
         except orjson.JSONDecodeError:
             await self._answer_error("Invalid JSON")
             return
-        if isinstance(data, dict) and data.get("type") == "stop":
+        if is_stop(data):
             # Waits for the run's end, so a message sent right after the stop can start.
             if await self.registry.stop_current(self.session_id) is None:
                 await self._answer_error(NO_RUN_TO_STOP)
             return
         try:
-            request, if_running = parse_message(data, self.session_id, self.user_id, self.id, self._max_message_chars)
-            if self._uploads_root is not None:
-                folder = uploads.session_dir(self._uploads_root, self._session_owner, self.session_id)
-                request = attrs.evolve(request, upload_dir=folder)
-            if request.images:
-                await check_base64(request.images)
-            files = data.get("files")
-            if files is not None and files != []:
-                request = await self._with_files(request, files)
+            request, if_running = await run_request(
+                data,
+                session_id=self.session_id,
+                user_id=self.user_id,
+                conn_id=self.id,
+                max_chars=self._max_message_chars,
+                uploads_root=self._uploads_root,
+                session_owner=self._session_owner,
+            )
             self.registry.submit(request, if_running)
         except RunAlreadyActive:
             await self._answer_error(ALREADY_RUNNING)
         except (BadClientMessage, BadUpload, QueueFull, ShuttingDown) as exc:
             await self._answer_error(str(exc))
-
-    async def _with_files(self, request: RunRequest, files: Any) -> RunRequest:
-        """Check that every named file is an upload of this session (metadata only, in a
-        worker thread), and tell the agent where they are. Raises :class:`BadUpload`."""
-        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
-            raise BadClientMessage("files must be a list of {name, path} objects.")
-        if len(files) > MAX_FILES:
-            raise BadClientMessage(f"Too many files ({len(files)}). Max {MAX_FILES} allowed.")
-        root = self._uploads_root
-        if root is None:
-            raise BadUpload("Uploads are not available on this server.")
-
-        def check() -> list[str]:
-            for f in files:
-                uploads.resolve_upload(root, self._session_owner, self.session_id, f.get("name"), f.get("path"))
-            return [f"- {f['name']} → {uploads.public_path(self.session_id, f['name'])}" for f in files]
-
-        lines = await trio.to_thread.run_sync(check)
-        note = "\n\n[Uploaded files on disk:\n" + "\n".join(lines) + "]"
-        return attrs.evolve(request, content=request.content + note, files=[f["name"] for f in files])
 
 
 def _coalesce(first: Event, recv: trio.MemoryReceiveChannel[OutboxItem]) -> tuple[str, OutboxItem]:
@@ -397,74 +371,3 @@ def _coalesce(first: Event, recv: trio.MemoryReceiveChannel[OutboxItem]) -> tupl
         size += len(nxt.delta)
         last = nxt
     return encode({"type": first.type, "seq": last.seq, "delta": "".join(parts)}), pending
-
-
-def parse_message(
-    data: Any, session_id: str, user_id: str | None, conn_id: int | None = None, max_chars: int = 100_000
-) -> tuple[RunRequest, str]:
-    """Validate a client ``message`` (CONTRACT section 3's bad-input table).
-
-    Raises :class:`BadClientMessage` whose text is the wire ``error.message``.
-    """
-    if not isinstance(data, dict) or data.get("type") != "message":
-        raise BadClientMessage(EXPECTED_MESSAGE)
-    content = data.get("content")
-    if not isinstance(content, str) or not content or content.isspace():  # no copy, unlike strip()
-        raise BadClientMessage(EXPECTED_MESSAGE)
-    if len(content) > max_chars:
-        raise BadClientMessage(f"Message too long ({len(content)} characters). Max {max_chars} allowed.")
-    if_running = data.get("if_running", "reject")
-    if if_running is None:
-        if_running = "reject"
-    if if_running not in IF_RUNNING:
-        raise BadClientMessage("if_running must be 'reject', 'interrupt' or 'enqueue'.")
-    images = _parse_images(data.get("images"))
-    agent_content = content
-    if images:
-        n = len(images)
-        noun = "image" if n == 1 else "images"
-        agent_content += f"\n\n[{n} {noun} attached inline — already in your context, no extra loading needed.]"
-    return RunRequest(session_id, user_id, agent_content, content, images, conn_id), if_running
-
-
-def _parse_images(raw: Any) -> list[str]:
-    """Count and size checks (CONTRACT section 3); the images are kept as sent, so a
-    ``data:`` URL keeps its media type. Their base64 is checked by :func:`check_base64`."""
-    if raw is None or raw == []:
-        return []
-    if not isinstance(raw, list) or not all(isinstance(i, str) for i in raw):
-        raise BadClientMessage("images must be a list of base64 strings or data: URLs.")
-    if len(raw) > MAX_IMAGES:
-        raise BadClientMessage(f"Too many images ({len(raw)}). Max {MAX_IMAGES} allowed.")
-    total = 0
-    for img in raw:
-        total += len(img) - _payload_start(img)
-        if total > MAX_IMAGE_BYTES:
-            raise BadClientMessage("Total image payload exceeds 50 MB limit.")
-    return list(raw)
-
-
-def _payload_start(img: str) -> int:
-    """Where the payload of a ``data:<head>,<payload>`` image begins (0 if it is not one),
-    found without copying a 50 MB string."""
-    if not img.startswith("data:"):
-        return 0
-    return img.find(",") + 1  # no comma: 0, the whole string counts
-
-
-async def check_base64(images: list[str]) -> None:
-    """Each image is base64, or a ``data:<type>;base64,<data>`` URL. Up to 50 MB, checked
-    in chunks on the event loop (:mod:`~navi_trio.base64_check`), so other streams go on.
-    Raises :class:`BadClientMessage`.
-
-    Cancellation: a cancel between chunks ends the check; the message is not submitted.
-    """
-    for i, img in enumerate(images, start=1):
-        start = 0
-        if img.startswith("data:"):
-            comma = img.find(",")
-            if comma < 0 or not img.endswith(";base64", 0, comma):
-                raise BadClientMessage(f"Image {i} is not a base64 data: URL.")
-            start = comma + 1
-        if not await is_base64(img, start):
-            raise BadClientMessage(f"Image {i} is not valid base64.")

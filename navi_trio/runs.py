@@ -34,7 +34,6 @@ log = structlog.get_logger("navi_trio.runs")
 
 #: Answer status saved for each terminal event / stop reason.
 STATUS_FOR_REASON = {"user": "stopped", "deleted": "stopped", "shutdown": "interrupted"}
-IF_RUNNING = ("reject", "interrupt", "enqueue")
 #: Scheduler passes a settling run lets go by before its save starts, so that the
 #: writers have put a cut-short tool_call and the terminal event on the wire: hypercorn
 #: yields twice per frame (its send lock, the socket send), and counting passes on a real

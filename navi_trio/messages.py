@@ -1,0 +1,152 @@
+"""Client messages on the WebSocket: parsing and the checks of CONTRACT section 3.
+
+The receiver hands each text frame here; what comes back is a :class:`RunRequest` ready
+for admission, or a :class:`~navi_trio.errors.BadClientMessage` (or
+:class:`~navi_trio.uploads.BadUpload`) whose text is the wire ``error.message``. Nothing
+here knows about connections or runs: the checks are plain functions, and the two that
+read a lot of bytes or the disk (base64, uploads) run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import binascii
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import trio
+
+from . import uploads
+from .errors import BadClientMessage
+from .runs import RunRequest
+from .uploads import BadUpload
+
+MAX_IMAGES: Final = 8
+MAX_FILES: Final = 32
+MAX_IMAGE_BYTES: Final = 50 * 1024 * 1024
+EXPECTED_MESSAGE: Final = "Expected {type: 'message', content: '...'}"
+IF_RUNNING: Final = ("reject", "interrupt", "enqueue")
+
+
+def is_stop(data: Any) -> bool:
+    """``{"type": "stop"}`` (extra fields ignored)."""
+    return isinstance(data, dict) and data.get("type") == "stop"
+
+
+async def run_request(
+    data: Any,
+    *,
+    session_id: str,
+    user_id: str | None,
+    conn_id: int | None,
+    max_chars: int,
+    uploads_root: Path | None,
+    session_owner: str | None,
+) -> tuple[RunRequest, str]:
+    """A client ``message`` made into a checked :class:`RunRequest` and its ``if_running``.
+
+    Cancellation: the base64 and upload checks run in worker threads; a cancel abandons
+    the check (the thread finishes on its own) and nothing has been submitted.
+    Raises :class:`BadClientMessage` or :class:`BadUpload`.
+    """
+    request, if_running = parse_message(data, session_id, user_id, conn_id, max_chars)
+    if uploads_root is not None:
+        folder = uploads.session_dir(uploads_root, session_owner, session_id)
+        request = attrs.evolve(request, upload_dir=folder)
+    if request.images:
+        await trio.to_thread.run_sync(check_base64, request.images)
+    files = data.get("files")
+    if files is not None and files != []:
+        request = await with_files(request, files, uploads_root, session_owner)
+    return request, if_running
+
+
+async def with_files(request: RunRequest, files: Any, root: Path | None, session_owner: str | None) -> RunRequest:
+    """Check that every named file is an upload of this session (metadata only, in a
+    worker thread), and tell the agent where they are. Raises :class:`BadUpload`."""
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise BadClientMessage("files must be a list of {name, path} objects.")
+    if len(files) > MAX_FILES:
+        raise BadClientMessage(f"Too many files ({len(files)}). Max {MAX_FILES} allowed.")
+    if root is None:
+        raise BadUpload("Uploads are not available on this server.")
+    session_id = request.session_id
+
+    def check() -> list[str]:
+        for f in files:
+            uploads.resolve_upload(root, session_owner, session_id, f.get("name"), f.get("path"))
+        return [f"- {f['name']} → {uploads.public_path(session_id, f['name'])}" for f in files]
+
+    lines = await trio.to_thread.run_sync(check)
+    note = "\n\n[Uploaded files on disk:\n" + "\n".join(lines) + "]"
+    return attrs.evolve(request, content=request.content + note, files=[f["name"] for f in files])
+
+
+def parse_message(
+    data: Any, session_id: str, user_id: str | None, conn_id: int | None = None, max_chars: int = 100_000
+) -> tuple[RunRequest, str]:
+    """Validate a client ``message`` (CONTRACT section 3's bad-input table).
+
+    Raises :class:`BadClientMessage` whose text is the wire ``error.message``.
+    """
+    if not isinstance(data, dict) or data.get("type") != "message":
+        raise BadClientMessage(EXPECTED_MESSAGE)
+    content = data.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise BadClientMessage(EXPECTED_MESSAGE)
+    if len(content) > max_chars:
+        raise BadClientMessage(f"Message too long ({len(content)} characters). Max {max_chars} allowed.")
+    if_running = data.get("if_running", "reject")
+    if if_running is None:
+        if_running = "reject"
+    if if_running not in IF_RUNNING:
+        raise BadClientMessage("if_running must be 'reject', 'interrupt' or 'enqueue'.")
+    images = _parse_images(data.get("images"))
+    agent_content = content
+    if images:
+        n = len(images)
+        noun = "image" if n == 1 else "images"
+        agent_content += f"\n\n[{n} {noun} attached inline — already in your context, no extra loading needed.]"
+    return RunRequest(session_id, user_id, agent_content, content, images, conn_id), if_running
+
+
+def _parse_images(raw: Any) -> list[str]:
+    """Count and size checks (CONTRACT section 3); the images are kept as sent, so a
+    ``data:`` URL keeps its media type. Their base64 is checked by :func:`check_base64`."""
+    if raw is None or raw == []:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(i, str) for i in raw):
+        raise BadClientMessage("images must be a list of base64 strings or data: URLs.")
+    if len(raw) > MAX_IMAGES:
+        raise BadClientMessage(f"Too many images ({len(raw)}). Max {MAX_IMAGES} allowed.")
+    total = 0
+    for img in raw:
+        parts = _data_url(img)
+        total += len(parts[1] if parts else img)
+        if total > MAX_IMAGE_BYTES:
+            raise BadClientMessage("Total image payload exceeds 50 MB limit.")
+    return list(raw)
+
+
+def _data_url(img: str) -> tuple[str, str] | None:
+    """``(head, payload)`` of a ``data:<head>,<payload>`` image, or None if it is not one."""
+    if not img.startswith("data:"):
+        return None
+    head, comma, payload = img.partition(",")
+    return (head, payload) if comma else None
+
+
+def check_base64(images: list[str]) -> None:
+    """Each image is base64, or a ``data:<type>;base64,<data>`` URL. Up to 50 MB of
+    decoding: call it in a worker thread. Raises :class:`BadClientMessage`."""
+    for i, img in enumerate(images, start=1):
+        payload = img
+        if img.startswith("data:"):
+            parts = _data_url(img)
+            if parts is None or not parts[0].endswith(";base64"):
+                raise BadClientMessage(f"Image {i} is not a base64 data: URL.")
+            payload = parts[1]
+        try:
+            binascii.a2b_base64(payload, strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise BadClientMessage(f"Image {i} is not valid base64.") from None
