@@ -16,6 +16,7 @@ import trio
 
 from .agents import make_agent
 from .agents.pacing import Pacer
+from .broker import InProcessBroker
 from .connection import CLOSE_RESTART
 from .errors import NaviError
 from .handshake import handshake
@@ -145,6 +146,7 @@ class NaviApp:
             server_nursery,
             store,
             agent,
+            broker=InProcessBroker(),
             save_timeout_s=settings.save_timeout_s,
             max_queued_runs=settings.max_queued_runs,
             max_run_events=settings.max_run_events,

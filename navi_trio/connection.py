@@ -2,9 +2,12 @@
 
 - The **receiver** always drains ASGI ``receive()`` (hypercorn's reader stalls otherwise)
   and is the only reliable disconnect signal (``websocket.disconnect``; STYLE P7, P10).
+  It never waits on a run: a stop is awaited by a short-lived task, and the messages that
+  arrive meanwhile are held and handled, in order, once the stopped run has ended.
 - The **writer** is the only task that calls ``send()``, so frame order, and seq order,
   is fixed by construction (P8). It reads the connection's bounded outbox, and when the
-  outbox is empty it catches up lagging subscriptions from their run's log (P9).
+  outbox is empty it catches up lagging subscriptions from their run's log (P9,
+  ``catchup.py``). It reports each run's terminal event once it is on the wire.
 - The **heartbeat** queues a ``heartbeat`` whenever nothing was sent for ``heartbeat_s``
   (P11), on the writer's last-send time: no cancel scope per event.
 
@@ -16,21 +19,24 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 import orjson
 import structlog
 import trio
 
 from .agents.pacing import Pacer
+from .catchup import EMPTY, CatchUp, coalesce
 from .errors import BadClientMessage, QueueFull, RunAlreadyActive, ShuttingDown
-from .events import HEARTBEAT, MERGE_MAX_CHARS, SESSION_SYNC, Event, encode, error_frame
+from .events import HEARTBEAT, SESSION_SYNC, TERMINAL_TYPES, Event, error_frame
 from .messages import is_stop, run_request
-from .runs import Run, RunRegistry, Subscriber
 from .uploads import BadUpload
 
 if TYPE_CHECKING:
     from .asgi_types import Receive, Send
+    from .fanout import Subscriber
+    from .lifecycle import Run
+    from .runs import RunRegistry
 
 log = structlog.get_logger("navi_trio.connection")
 
@@ -47,6 +53,9 @@ CLOSE_POLICY: Final = 1008
 #: then merges it with the same-kind deltas queued behind it.
 MERGE_AFTER_S: Final = 0.005
 MAX_PENDING_ANSWERS: Final = 32
+#: Client messages held while a stop ends its run; past this the receiver waits for it
+#: (the client is then pushed back by TCP, as by any reader that does not keep up).
+MAX_HELD: Final = 32
 
 _conn_ids = itertools.count(1)
 
@@ -56,11 +65,13 @@ OutboxItem = Event | str | None
 
 
 class Connection:
-    """A subscriber connection: the :class:`~navi_trio.runs.Outbox` and
-    :class:`~navi_trio.runs.Follower` of its session's runs."""
+    """A subscriber connection: the :class:`~navi_trio.fanout.Outbox` and
+    :class:`~navi_trio.fanout.Follower` of its session's runs."""
 
     __slots__ = (
         "_answers",
+        "_held",
+        "_held_done",
         "_max_message_chars",
         "_nursery",
         "_outbox_recv",
@@ -111,9 +122,11 @@ class Connection:
         self._receive = receive
         self.heartbeat_s = heartbeat_s
         self._outbox_send, self._outbox_recv = trio.open_memory_channel[OutboxItem](outbox_size)
-        # Plain lists, not deques: an idle connection is the common case, an empty deque
-        # costs ~600 bytes, and these hold a handful of items at most.
-        self.lagging: list[Subscriber] = []
+        #: The subscriptions catching up from their run's log (only the writer takes).
+        self.lagging: CatchUp[Subscriber] = CatchUp()
+        #: Client frames that arrived while a stop ends its run (None: no stop pending).
+        self._held: list[str] | None = None
+        self._held_done: trio.Event | None = None
         #: Answers to client messages: never block the receiver on a full outbox. Bounded:
         #: a client that floods bad messages and never reads loses the oldest answers.
         #: The shared empty tuple until the first answer, as for ``subscriptions`` until
@@ -138,9 +151,16 @@ class Connection:
     def wake(self) -> None:
         self.offer(None)  # None is "look at lagging and close", not a frame
 
+    def fall_behind(self, sub: Subscriber) -> None:
+        self.lagging.append(sub)
+
+    @property
+    def behind(self) -> bool:
+        return bool(self.lagging)
+
     # -- Follower ----------------------------------------------------------------------
     def run_started(self, run: Run) -> None:
-        self._track(run.subscribe(self))
+        self._track(self.registry.broker.subscribe(run, self))
 
     def request_close(self, code: int, reason: str) -> None:
         """Close once everything queued and lagging has been written (or on cancel)."""
@@ -150,8 +170,14 @@ class Connection:
             self.wake()
 
     def _track(self, sub: Subscriber) -> None:
+        sub.reports_wire = True  # the writer says when the run's terminal event is sent
         self.subscriptions = [s for s in self.subscriptions if not s.run.settled or s.lagging]
         self.subscriptions.append(sub)
+
+    def _on_wire(self, terminal: Event) -> None:
+        for sub in self.subscriptions:
+            if sub.awaiting_wire and sub.run.log.terminal is terminal:
+                sub.on_wire()
 
     # -- lifecycle ---------------------------------------------------------------------
     async def serve(self, resume_run_id: str | None = None, resume_after: int | None = None) -> None:
@@ -165,7 +191,6 @@ class Connection:
         """
         structlog.contextvars.bind_contextvars(conn_id=self.id, session_id=self.session_id, user_id=self.user_id)
         log.info("ws.open")
-        self.registry.metrics.tally.websockets += 1
         try:
             with self._outbox_send, self._outbox_recv:
                 async with trio.open_nursery() as nursery:
@@ -188,12 +213,12 @@ class Connection:
             raise
         finally:
             self._detach()
-            self.registry.metrics.tally.websockets -= 1
             log.info("ws.closed")
 
     def _attach(self, resume_run_id: str | None, resume_after: int | None) -> None:
         """Follow the session and subscribe to its active run, in one synchronous step."""
-        run = self.registry.follow(self.session_id, self)
+        broker = self.registry.broker
+        run = broker.follow(self.session_id, self)
         if self.registry.closing.is_set():
             self.request_close(CLOSE_RESTART, "Server restarting")
             return
@@ -201,16 +226,17 @@ class Connection:
             self.offer(SESSION_SYNC)
             return
         if resume_run_id is not None and resume_run_id == run.id and resume_after:
-            self._track(run.subscribe(self, after=resume_after, replay=True))
+            self._track(broker.subscribe(run, self, after=resume_after, replay=True))
             return
         if resume_run_id is not None and resume_run_id != run.id:
             self.offer(SESSION_SYNC)  # the run they knew is over: reload history, then follow this one
-        self._track(run.subscribe(self, replay=True))
+        self._track(broker.subscribe(run, self, replay=True))
 
     def _detach(self) -> None:
-        self.registry.unfollow(self.session_id, self)
+        broker = self.registry.broker
+        broker.unfollow(self.session_id, self)
         for sub in self.subscriptions:
-            sub.run.unsubscribe(sub)
+            broker.unsubscribe(sub)
         self.subscriptions = ()
         self.lagging.clear()
 
@@ -226,9 +252,16 @@ class Connection:
         send = self._send
         recv = self._outbox_recv
         lagging = self.lagging
-        tally = self.registry.metrics.tally
         pending: OutboxItem = None
         item: OutboxItem
+        terminal: Event | None
+
+        def take() -> object:
+            try:
+                return recv.receive_nowait()
+            except trio.WouldBlock:
+                return EMPTY
+
         while True:
             if self._answers:
                 item = self._answers.pop(0)
@@ -244,13 +277,8 @@ class Connection:
                 # and its traceback alive as long as the connection is idle (~400 bytes).
                 if empty:
                     if lagging:
-                        sub = lagging[0]
-                        seen = sub.queued
-                        item = sub.next_catch_up_frame()
-                        if sub.queued - seen > 1:  # several events of the log in one frame
-                            tally.frames_merged += 1
+                        item = lagging.next_frame()
                         if item is None:
-                            del lagging[0]
                             continue
                     elif self.close_code is not None:
                         await send({"type": "websocket.close", "code": self.close_code, "reason": self.close_reason})
@@ -261,17 +289,22 @@ class Connection:
                         item = await recv.receive()
             if item is None:
                 continue
+            terminal = None
             if isinstance(item, str):
                 frame = item
-            elif item.delta is None or trio.current_time() - item.t < MERGE_AFTER_S:
+            elif item.delta is None:
+                frame = item.wire
+                if item.type in TERMINAL_TYPES:
+                    terminal = item
+            elif trio.current_time() - item.t < MERGE_AFTER_S:
                 frame = item.wire
             else:
-                frame, pending = _coalesce(item, recv)
-                if frame is not item.wire:
-                    tally.frames_merged += 1
+                frame, nxt = coalesce(item, take)
+                pending = None if nxt is EMPTY else cast("OutboxItem", nxt)
             await send({"type": "websocket.send", "text": frame})
-            tally.frames_sent += 1
             self.last_send = trio.current_time()
+            if terminal is not None:
+                self._on_wire(terminal)
 
     async def _heartbeat(self) -> None:
         hb = self.heartbeat_s
@@ -279,8 +312,7 @@ class Connection:
             now = trio.current_time()
             due = self.last_send + hb
             if now >= due:
-                if self.offer(HEARTBEAT):  # a full outbox means we are sending anyway
-                    self.registry.metrics.tally.heartbeats_sent += 1
+                self.offer(HEARTBEAT)  # a full outbox means we are sending anyway
                 self.last_send = now
                 due = now + hb
             await self._pacer.sleep_until(due)
@@ -302,7 +334,13 @@ class Connection:
                 except UnicodeDecodeError:
                     await self._answer_error("Invalid JSON")
                     continue
-            await self._handle(text)
+            held = self._held
+            if held is None:
+                await self._handle(text)
+                continue
+            held.append(text)  # a stop is ending the run: handled in order after it
+            if len(held) >= MAX_HELD and self._held_done is not None:
+                await self._held_done.wait()
 
     # -- client messages ---------------------------------------------------------------
     async def _answer_error(self, message: str) -> None:
@@ -315,16 +353,17 @@ class Connection:
         self.wake()
         await trio.lowlevel.checkpoint()
 
-    async def _handle(self, text: str) -> None:
+    async def _handle(self, text: str, *, in_stop: bool = False) -> None:
         try:
             data = orjson.loads(text)
         except orjson.JSONDecodeError:
             await self._answer_error("Invalid JSON")
             return
         if is_stop(data):
-            # Waits for the run's end, so a message sent right after the stop can start.
-            if await self.registry.stop_current(self.session_id) is None:
-                await self._answer_error(NO_RUN_TO_STOP)
+            if in_stop:
+                await self._stop_run()
+            else:
+                self._begin_stop()
             return
         try:
             request, if_running = await run_request(
@@ -342,32 +381,32 @@ class Connection:
         except (BadClientMessage, BadUpload, QueueFull, ShuttingDown) as exc:
             await self._answer_error(str(exc))
 
+    async def _stop_run(self) -> None:
+        if await self.registry.stop_current(self.session_id) is None:
+            await self._answer_error(NO_RUN_TO_STOP)
 
-def _coalesce(first: Event, recv: trio.MemoryReceiveChannel[OutboxItem]) -> tuple[str, OutboxItem]:
-    """Merge ``first`` with the same-kind deltas queued right behind it.
+    def _begin_stop(self) -> None:
+        """Hold what the client sends from now on, and stop the run in a task of this
+        connection's nursery: the receiver goes on draining meanwhile."""
+        self._held = []
+        self._held_done = trio.Event()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._stop, name="ws-stop")
 
-    Returns the frame and the first item that did not fit (to be written next), if any.
-    """
-    try:
-        nxt = recv.receive_nowait()
-    except trio.WouldBlock:
-        return first.wire, None
-    if type(nxt) is not Event or nxt.type != first.type or nxt.delta is None:
-        return first.wire, nxt
-    assert first.delta is not None
-    parts = [first.delta, nxt.delta]
-    size = len(first.delta) + len(nxt.delta)
-    last = nxt
-    pending: OutboxItem = None
-    while True:
-        try:
-            nxt = recv.receive_nowait()
-        except trio.WouldBlock:
-            break
-        if type(nxt) is not Event or nxt.type != first.type or nxt.delta is None or size > MERGE_MAX_CHARS:
-            pending = nxt
-            break
-        parts.append(nxt.delta)
-        size += len(nxt.delta)
-        last = nxt
-    return encode({"type": first.type, "seq": last.seq, "delta": "".join(parts)}), pending
+    async def _stop(self) -> None:
+        """The client's stop: wait until the run has really ended and its answer is saved,
+        so that a message sent right after the stop can start; then handle the messages
+        held meanwhile, in order (a stop among them is waited for here too).
+
+        Cancellation: the connection going away ends the wait; the run still stops, since
+        the stop was requested before any wait (``RunRegistry.stop_current``).
+        """
+        held = self._held
+        assert held is not None
+        assert self._held_done is not None
+        await self._stop_run()
+        while held:
+            await self._handle(held.pop(0), in_stop=True)
+        self._held = None  # no checkpoint since the last check: nothing is left behind
+        self._held_done.set()
+        self._held_done = None

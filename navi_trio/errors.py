@@ -46,3 +46,7 @@ class SessionGone(StoreError):
 
 class GrammarError(NaviError):
     """Code tried to append an event the run grammar does not allow (a bug, not input)."""
+
+
+class LifecycleError(NaviError):
+    """Code tried a run-state transition the lifecycle does not allow (a bug, not input)."""

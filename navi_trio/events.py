@@ -262,6 +262,15 @@ class RunLog:
         return next_frame(self.events, after, len(self.events) if until is None else until, max_chars)
 
 
+def merges(first: Event, ev: Event, size: int, max_chars: int = MERGE_MAX_CHARS) -> bool:
+    """The one merge rule, for catch-up from the log and for a writer's queued deltas
+    alike: ``ev`` joins a merged frame that began with the delta ``first`` and holds
+    ``size`` characters if it is a delta of the same kind and the frame stays within
+    ``max_chars`` (a single delta longer than that still goes out, on its own)."""
+    delta = ev.delta
+    return delta is not None and ev.type == first.type and size + len(delta) <= max_chars
+
+
 def _merge_end(events: Sequence[Event], after: int, until: int, max_chars: int) -> int:
     """Index one past the last event merged into the frame that starts at ``events[after]``."""
     first = events[after]
@@ -271,11 +280,16 @@ def _merge_end(events: Sequence[Event], after: int, until: int, max_chars: int) 
     size = len(first.delta)
     while end < until:
         ev = events[end]
-        if ev.type != first.type or ev.delta is None or size + len(ev.delta) > max_chars:
+        if not merges(first, ev, size, max_chars):
             break
-        size += len(ev.delta)
+        size += len(ev.delta or "")
         end += 1
     return end
+
+
+def merged_frame(first: Event, last: Event, parts: list[str]) -> str:
+    """The frame of consecutive deltas ``first`` .. ``last``: their text, the seq of the last."""
+    return encode({"type": first.type, "seq": last.seq, "delta": "".join(parts)})
 
 
 def next_frame(events: Sequence[Event], after: int, until: int, max_chars: int = MERGE_MAX_CHARS) -> tuple[str, int]:
@@ -287,8 +301,7 @@ def next_frame(events: Sequence[Event], after: int, until: int, max_chars: int =
     if end == after + 1:
         return first.wire, first.seq
     last = events[end - 1]
-    merged = "".join(e.delta for e in events[after:end] if e.delta is not None)
-    return encode({"type": first.type, "seq": last.seq, "delta": merged}), last.seq
+    return merged_frame(first, last, [e.delta for e in events[after:end] if e.delta is not None]), last.seq
 
 
 def count_frames(events: Sequence[Event], after: int, until: int, max_chars: int = MERGE_MAX_CHARS) -> int:

@@ -17,15 +17,15 @@ import attrs
 import trio
 
 from . import uploads
+from .admission import IF_RUNNING
 from .errors import BadClientMessage
-from .runs import RunRequest
+from .lifecycle import RunRequest
 from .uploads import BadUpload
 
 MAX_IMAGES: Final = 8
 MAX_FILES: Final = 32
 MAX_IMAGE_BYTES: Final = 50 * 1024 * 1024
 EXPECTED_MESSAGE: Final = "Expected {type: 'message', content: '...'}"
-IF_RUNNING: Final = ("reject", "interrupt", "enqueue")
 
 
 def is_stop(data: Any) -> bool:

@@ -17,9 +17,11 @@ import trio.testing
 
 from navi_trio.agents.base import RunContext
 from navi_trio.agents.scripted import ScriptBounds, ScriptedAgent
+from navi_trio.broker import InProcessBroker
 from navi_trio.errors import ScriptTooLarge
 from navi_trio.events import TERMINAL_TYPES, check_grammar
-from navi_trio.runs import RunRegistry, RunRequest
+from navi_trio.lifecycle import RunRequest
+from navi_trio.runs import RunRegistry
 from navi_trio.store.memory import MemoryStore
 
 from .helpers import assert_grammar, open_server, run_events, script
@@ -79,7 +81,7 @@ async def test_registry_refuses_the_script_before_any_run_starts() -> None:
     async with trio.open_nursery() as nursery:
         store = MemoryStore()
         await store.create_session(SID, "t", None)
-        reg = RunRegistry(nursery, store, ScriptedAgent())
+        reg = RunRegistry(nursery, store, ScriptedAgent(), broker=InProcessBroker())
         content = script({"text": "x", "repeat": 10**9})
         with pytest.raises(ScriptTooLarge, match="NAVI_SCRIPT_MAX_EVENTS"):
             reg.submit(RunRequest(SID, None, content, content))
@@ -127,7 +129,7 @@ async def test_a_run_never_holds_more_than_max_run_events(
         store = MemoryStore()
         await store.create_session(SID, "t", None)
         agent = _Flood(thinking, tools, yield_in_tools=yield_in_tools)
-        reg = RunRegistry(nursery, store, agent, max_run_events=max_events)
+        reg = RunRegistry(nursery, store, agent, broker=InProcessBroker(), max_run_events=max_events)
         run = reg.submit(RunRequest(SID, None, "go", "go"))
         assert run is not None
         with trio.fail_after(10):

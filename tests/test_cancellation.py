@@ -24,8 +24,9 @@ import trio.testing
 from trio_websocket import wrap_client_stream
 
 from navi_trio.connection import Connection
-from navi_trio.events import TERMINAL_TYPES
-from navi_trio.runs import Run, Subscriber
+from navi_trio.events import MERGE_MAX_CHARS, TERMINAL_TYPES
+from navi_trio.fanout import Subscriber
+from navi_trio.lifecycle import Run
 from navi_trio.store.memory import MemoryStore
 
 from .helpers import Client, Server, all_tasks, assert_grammar, open_server, run_events, script, task_names, text_of
@@ -90,7 +91,8 @@ async def session_with_baseline(server: Server) -> tuple[str, set[trio.lowlevel.
 
 def connection_of(server: Server, sid: str, *, exclude: set[Connection] | None = None) -> Connection:
     """The one server-side Connection following ``sid`` that is not in ``exclude``."""
-    conns = [f for f in server.registry.followers(sid) if isinstance(f, Connection) and f not in (exclude or set())]
+    followers = server.registry.broker.followers(sid)
+    conns = [f for f in followers if isinstance(f, Connection) and f not in (exclude or set())]
     assert len(conns) == 1, conns
     return conns[0]
 
@@ -179,7 +181,7 @@ async def test_disconnect_mid_run_is_not_a_stop(autojump_clock: trio.testing.Moc
             assert server.registry.active(sid) is run
             assert not run.done.is_set()
             assert run.subscribers == []
-            assert server.registry.followers(sid) == []
+            assert server.registry.broker.followers(sid) == []
             (run_task,) = [t for t in all_tasks() if t.name == f"run:{run.id}"]
             assert run_task.parent_nursery is server.registry._nursery
 
@@ -528,7 +530,9 @@ async def test_heartbeat_timing_is_exact(autojump_clock: trio.testing.MockClock)
 # in ``TooSlowError``), and the test moves it by hand, one tick of the run's schedule after
 # the fast reader got each delta. The run's schedule, not the readers, decides the times.
 
-BIG_CHUNK = "x" * 65536
+#: Half the merge bound: two chunks fill one merged frame (a frame never grows past the
+#: bound, so with chunks of the full bound a lagging reader could see no merging at all).
+BIG_CHUNK = "x" * (MERGE_MAX_CHARS // 2)
 BIG_REPEAT = 400
 BIG_DELAY = 1 / 128  # a binary fraction: the schedule's float arithmetic is exact
 STALL_GUARD_S = 5.0

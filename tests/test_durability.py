@@ -37,9 +37,11 @@ import trio
 import trio.testing
 
 from navi_trio.agents.scripted import ScriptedAgent
+from navi_trio.broker import InProcessBroker
 from navi_trio.errors import StoreError
 from navi_trio.events import Event, check_grammar
-from navi_trio.runs import Run, RunRegistry, RunRequest
+from navi_trio.lifecycle import Run, RunRequest
+from navi_trio.runs import RunRegistry
 from navi_trio.store import Answer, MemoryStore, MessageRecord, NewRun, SqliteStore, Store
 from navi_trio.store.sqlite import MIGRATIONS
 
@@ -102,6 +104,13 @@ class _RunOutbox:
         self.recorder = recorder
         self.run = run
         self.lagging = recorder.lagging
+
+    def fall_behind(self, sub: Any) -> None:
+        self.lagging.append(sub)
+
+    @property
+    def behind(self) -> bool:
+        return bool(self.lagging)
 
     def offer(self, frame: Event | str) -> bool:
         if isinstance(frame, Event):
@@ -200,7 +209,7 @@ async def test_checkpoint_keeps_the_store_within_checkpoint_s_of_the_log(
     recorder = Recorder(on_event)
     with trio.fail_after(100):
         async with trio.open_nursery() as nursery:
-            reg = RunRegistry(nursery, store, ScriptedAgent())
+            reg = RunRegistry(nursery, store, ScriptedAgent(), broker=InProcessBroker())
             nursery.start_soon(reg.serve_checkpoints, CHECKPOINT_S)
             await store.create_session("s1", "t", None)
             reg.follow("s1", recorder)
@@ -227,7 +236,7 @@ async def test_one_checkpoint_call_covers_every_running_answer(autojump_clock: t
     sids = [f"s{i}" for i in range(5)]
     with trio.fail_after(100):
         async with trio.open_nursery() as nursery:
-            reg = RunRegistry(nursery, store, ScriptedAgent())
+            reg = RunRegistry(nursery, store, ScriptedAgent(), broker=InProcessBroker())
             nursery.start_soon(reg.serve_checkpoints, CHECKPOINT_S)
             for sid in sids:
                 await store.create_session(sid, "t", None)
@@ -268,7 +277,7 @@ async def test_a_run_waiting_on_a_tool_is_not_checkpointed_again(autojump_clock:
     steps = [{"text": "w ", "repeat": 3}, {"sleep": 1}, {"tool": "slow", "delay": 10, "result": "ok"}, {"sleep": 2}]
     with trio.fail_after(100):
         async with trio.open_nursery() as nursery:
-            reg = RunRegistry(nursery, store, ScriptedAgent())
+            reg = RunRegistry(nursery, store, ScriptedAgent(), broker=InProcessBroker())
             nursery.start_soon(reg.serve_checkpoints, CHECKPOINT_S)
             await store.create_session("s1", "t", None)
             run = reg.submit(req("s1", json.dumps({"script": steps})))
@@ -310,7 +319,7 @@ async def test_checkpoint_landing_after_the_final_save_changes_nothing(
     recorder = Recorder()
     with trio.fail_after(100):
         async with trio.open_nursery() as nursery:
-            reg = RunRegistry(nursery, store, ScriptedAgent())
+            reg = RunRegistry(nursery, store, ScriptedAgent(), broker=InProcessBroker())
             nursery.start_soon(reg.serve_checkpoints, CHECKPOINT_S)
             await store.create_session("s1", "t", None)
             reg.follow("s1", recorder)
@@ -355,7 +364,7 @@ async def test_history_read_after_the_terminal_event_finds_the_saved_answer(
     recorder = Recorder()
     with trio.fail_after(100):
         async with trio.open_nursery() as nursery:
-            reg = RunRegistry(nursery, store, ScriptedAgent())
+            reg = RunRegistry(nursery, store, ScriptedAgent(), broker=InProcessBroker())
             await store.create_session("s1", "t", None)
             reg.follow("s1", recorder)
             run = reg.submit(req("s1", script({"text": "done"})))
@@ -441,7 +450,7 @@ async def test_no_checkpoint_and_no_timer_without_an_active_run(autojump_clock: 
     store = CountingStore()
     with trio.fail_after(1000):
         async with trio.open_nursery() as nursery:
-            reg = RunRegistry(nursery, store, ScriptedAgent())
+            reg = RunRegistry(nursery, store, ScriptedAgent(), broker=InProcessBroker())
             nursery.start_soon(reg.serve_checkpoints, CHECKPOINT_S)
             await store.create_session("s1", "t", None)
 

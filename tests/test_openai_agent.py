@@ -27,8 +27,10 @@ from navi_trio import uploads
 from navi_trio.agents import make_agent
 from navi_trio.agents import openai as openai_agent
 from navi_trio.agents import tools as builtin_tools
+from navi_trio.broker import InProcessBroker
 from navi_trio.events import TERMINAL_TYPES, check_grammar
-from navi_trio.runs import Run, RunRegistry, RunRequest
+from navi_trio.lifecycle import Run, RunRequest
+from navi_trio.runs import RunRegistry
 from navi_trio.settings import Settings
 from navi_trio.store.base import MessageRecord
 from navi_trio.store.memory import MemoryStore
@@ -141,7 +143,8 @@ async def play(
     """One run of the openai agent through a RunRegistry, to its end."""
     store = store if store is not None else await new_store()
     async with trio.open_nursery() as nursery:
-        registry = RunRegistry(nursery, store, make_agent(settings_for(base_url, **overrides)))
+        agent = make_agent(settings_for(base_url, **overrides))
+        registry = RunRegistry(nursery, store, agent, broker=InProcessBroker())
         run = registry.submit(RunRequest(SID, None, text, text, list(images), upload_dir=upload_dir))
         assert run is not None
         await run.done.wait()
@@ -654,7 +657,7 @@ async def test_stop_during_a_sub_agent_tool_cancels_inner_and_outer(
     store = await new_store()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            registry = RunRegistry(nursery, store, make_agent(settings_for(fake.base_url)))
+            registry = RunRegistry(nursery, store, make_agent(settings_for(fake.base_url)), broker=InProcessBroker())
             run = registry.submit(RunRequest(SID, None, "go", "go"))
             assert run is not None
             await started.wait()
@@ -685,7 +688,7 @@ async def test_stop_while_the_sub_agent_streams_cancels_both(fake: FakeOpenAI) -
     store = await new_store()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            registry = RunRegistry(nursery, store, make_agent(settings_for(fake.base_url)))
+            registry = RunRegistry(nursery, store, make_agent(settings_for(fake.base_url)), broker=InProcessBroker())
             run = registry.submit(RunRequest(SID, None, "go", "go"))
             assert run is not None
             await fake.wait_for(lambda: len(fake.requests) == 2 and fake.requests[1].responded)
@@ -985,7 +988,7 @@ async def test_stop_while_the_model_has_not_answered_yet(fake: FakeOpenAI) -> No
     store = await new_store()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            registry = RunRegistry(nursery, store, make_agent(settings_for(fake.base_url)))
+            registry = RunRegistry(nursery, store, make_agent(settings_for(fake.base_url)), broker=InProcessBroker())
             run = registry.submit(RunRequest(SID, None, "hi", "hi"))
             assert run is not None
             await fake.wait_requests(1)
@@ -1005,7 +1008,7 @@ async def test_stop_during_the_retry_backoff(fake: FakeOpenAI, monkeypatch: pyte
     store = await new_store()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            registry = RunRegistry(nursery, store, make_agent(settings_for(fake.base_url)))
+            registry = RunRegistry(nursery, store, make_agent(settings_for(fake.base_url)), broker=InProcessBroker())
             run = registry.submit(RunRequest(SID, None, "hi", "hi"))
             assert run is not None
             await fake.wait_for(lambda: bool(fake.requests) and fake.requests[0].finished)

@@ -17,9 +17,12 @@ import trio.testing
 
 from navi_trio.agents.pacing import Pacer
 from navi_trio.agents.scripted import ScriptedAgent
+from navi_trio.broker import InProcessBroker
 from navi_trio.errors import QueueFull, RunAlreadyActive, ShuttingDown
 from navi_trio.events import TERMINAL_TYPES, Event, check_grammar
-from navi_trio.runs import Run, RunRegistry, RunRequest, Subscriber
+from navi_trio.fanout import Subscriber
+from navi_trio.lifecycle import Run, RunRequest
+from navi_trio.runs import RunRegistry
 from navi_trio.store.base import Answer, MessageRecord
 from navi_trio.store.memory import MemoryStore
 
@@ -53,6 +56,13 @@ class ChanOutbox:
 
     def wake(self) -> None:
         self.wakes += 1
+
+    def fall_behind(self, sub: Subscriber) -> None:
+        self.lagging.append(sub)
+
+    @property
+    def behind(self) -> bool:
+        return bool(self.lagging)
 
     def take_raw(self) -> list[Event | str]:
         out: list[Event | str] = []
@@ -121,7 +131,7 @@ def make_registry(
 ) -> tuple[RunRegistry, MemoryStore]:
     store = MemoryStore() if store is None else store
     opts: dict[str, Any] = {"save_timeout_s": 2.0, "max_queued_runs": 2, **kw}
-    return RunRegistry(server_nursery, store, ScriptedAgent(), **opts), store
+    return RunRegistry(server_nursery, store, ScriptedAgent(), broker=InProcessBroker(), **opts), store
 
 
 def wire(run: Run) -> list[dict[str, Any]]:
