@@ -187,6 +187,10 @@ class Run(FanOut):
         """Publish ``stream_start`` (the run is STARTING: registered and announced)."""
         self.publish([self.log.start()])
 
+    def play(self) -> None:
+        """PLAYING: its user message is saved; the agent plays next."""
+        self._enter(RunState.PLAYING)
+
     def cancel(self, reason: str) -> None:
         """Stop the run (``scope.cancel()``); the first reason given wins, and a run that
         already wrote its terminal event keeps the reason it ended with."""
@@ -212,7 +216,8 @@ class Run(FanOut):
             events = self.log.error(end.message or "")
         else:
             assert end.reason is not None
-            self.stop_reason = end.reason
+            if how is How.ABANDONED:
+                self.stop_reason = end.reason  # a shutdown nobody asked of this run
             events = self.log.stopped(end.reason)
         self.status = end.status
         self.publish(events)
@@ -332,7 +337,7 @@ async def live(run: Run, agent: Agent, persistence: Persistence, on_settled: Cal
             run.summary, run.history = await persistence.store.load_context(run.session_id)
         # The user's message is saved even if a stop lands at once: shielded, bounded.
         await persistence.begin(run.request.saved_as(run.answer_id))
-        run._enter(RunState.PLAYING)
+        run.play()
         with run.cancel_scope:
             await trio.lowlevel.checkpoint_if_cancelled()  # stopped while saving: play nothing
             await agent.play(run)

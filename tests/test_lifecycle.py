@@ -53,9 +53,9 @@ async def test_states_in_order_and_guarded() -> None:
     run = new_run()
     assert run.state is RunState.STARTING
     assert not run.over
-    run._enter(RunState.PLAYING)
+    run.play()
     with pytest.raises(LifecycleError):
-        run._enter(RunState.STARTING)
+        run.play()  # once
     with pytest.raises(LifecycleError):
         run.settle()  # not before its end
     run.cancel("deleted")
