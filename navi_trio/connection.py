@@ -332,8 +332,7 @@ class Connection:
                 try:
                     text = raw.decode()
                 except UnicodeDecodeError:
-                    await self._answer_error("Invalid JSON")
-                    continue
+                    text = ""  # answered "Invalid JSON" in its turn, like any frame that is not JSON
             held = self._held
             if held is None:
                 await self._handle(text)
