@@ -24,7 +24,7 @@ import attrs
 from .events import MERGE_MAX_CHARS, REPLAY_END, SESSION_SYNC, Event, RunLog, count_frames, merged_frame, merges
 from .events import replay_start_frame as _replay_start
 
-#: What :func:`coalesce` gets from an empty outbox.
+#: What :func:`coalesce` returns when it emptied the outbox.
 EMPTY: Final = object()
 
 
@@ -120,10 +120,11 @@ class CatchUp(list[L]):
         return None
 
 
-def coalesce(first: Event, take: Callable[[], object]) -> tuple[str, object]:
+def coalesce(first: Event, take: Callable[[], object], empty: type[Exception] = IndexError) -> tuple[str, object]:
     """Merge ``first`` with the same-kind deltas queued right behind it, by the rule of
-    :func:`~navi_trio.events.merges`. ``take`` gives the next queued item, or
-    :data:`EMPTY`.
+    :func:`~navi_trio.events.merges`. ``take`` gives the next queued item, or raises
+    ``empty`` when there is none (a writer passes its channel's ``receive_nowait`` and
+    ``trio.WouldBlock``: nothing here imports trio).
 
     Returns the frame and the first item taken that did not join it (to be written next),
     or :data:`EMPTY`.
@@ -133,7 +134,11 @@ def coalesce(first: Event, take: Callable[[], object]) -> tuple[str, object]:
     size = len(first.delta)
     last = first
     while True:
-        nxt = take()
+        try:
+            nxt = take()
+        except empty:
+            nxt = EMPTY
+            break
         if type(nxt) is not Event or not merges(first, nxt, size, MERGE_MAX_CHARS):
             break
         delta = nxt.delta

@@ -255,13 +255,6 @@ class Connection:
         pending: OutboxItem = None
         item: OutboxItem
         terminal: Event | None
-
-        def take() -> object:
-            try:
-                return recv.receive_nowait()
-            except trio.WouldBlock:
-                return EMPTY
-
         while True:
             if self._answers:
                 item = self._answers.pop(0)
@@ -299,7 +292,7 @@ class Connection:
             elif trio.current_time() - item.t < MERGE_AFTER_S:
                 frame = item.wire
             else:
-                frame, nxt = coalesce(item, take)
+                frame, nxt = coalesce(item, recv.receive_nowait, trio.WouldBlock)
                 pending = None if nxt is EMPTY else cast("OutboxItem", nxt)
             await send({"type": "websocket.send", "text": frame})
             self.last_send = trio.current_time()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from navi_trio.catchup import EMPTY, CatchUp, Cursor, coalesce
 from navi_trio.events import MERGE_MAX_CHARS, Event, RunLog, next_frame
@@ -16,11 +17,8 @@ def deltas(*texts: str, start: int = 2, kind: str = "stream_delta") -> list[Even
     return out
 
 
-def taker(items: list[object]) -> object:
-    def take() -> object:
-        return items.pop(0) if items else EMPTY
-
-    return take
+def taker(items: list[object]) -> Callable[[], object]:
+    return lambda: items.pop(0)  # IndexError once empty: coalesce's default "empty"
 
 
 def test_coalesce_never_grows_past_the_bound() -> None:
