@@ -34,11 +34,12 @@ async def test_in_process_broker_each_part(check: object) -> None:
     await check(make)
 
 
-def test_only_the_composition_root_names_the_implementation() -> None:
-    """Above the seam every module talks to a ``Broker``; only the lifespan builds one."""
+def test_only_the_composition_roots_name_the_implementation() -> None:
+    """Above the seam every module talks to a ``Broker``; only the lifespan (and the
+    agent-testing kit's stage, which builds a registry of its own) make one."""
     naming = {
         path.relative_to(PACKAGE).as_posix()
         for path in PACKAGE.rglob("*.py")
         if re.search(r"\bInProcessBroker\b", path.read_text()) and path.name != "broker.py"
     }
-    assert naming == {"app.py"}
+    assert naming == {"app.py", "testing/_stage.py"}

@@ -28,9 +28,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from navi_trio.agents.scripted import ScriptedAgent
+from navi_trio.broker import InProcessBroker
 from navi_trio.errors import RunAlreadyActive
 from navi_trio.events import TERMINAL_TYPES, Event, check_grammar
-from navi_trio.runs import Run, RunRegistry, RunRequest, Subscriber
+from navi_trio.fanout import Subscriber
+from navi_trio.lifecycle import Run, RunRequest
+from navi_trio.runs import RunRegistry
 from navi_trio.testing._stage import FaultyStore
 
 from .helpers import script
@@ -69,6 +72,13 @@ class Tab:
 
     def wake(self) -> None:
         pass
+
+    def fall_behind(self, sub: Subscriber) -> None:
+        self.lagging.append(sub)
+
+    @property
+    def behind(self) -> bool:
+        return bool(self.lagging)
 
     # Follower
     @property
@@ -156,7 +166,9 @@ class Session:
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self.store = FaultyStore()
-        self.registry = RunRegistry(nursery, self.store, ScriptedAgent(), save_timeout_s=2.0, max_queued_runs=2)
+        self.registry = RunRegistry(
+            nursery, self.store, ScriptedAgent(), broker=InProcessBroker(), save_timeout_s=2.0, max_queued_runs=2
+        )
         self.model = Model()
         self.tabs: list[Tab] = []
         self.runs: list[Run] = []

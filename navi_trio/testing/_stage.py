@@ -17,9 +17,12 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
+from ..broker import InProcessBroker
 from ..errors import StoreError
 from ..events import Event
-from ..runs import Run, RunRegistry, RunRequest, Subscriber
+from ..fanout import Subscriber
+from ..lifecycle import Run, RunRequest
+from ..runs import RunRegistry
 from ..store.base import Answer, NewRun
 from ..store.memory import MemoryStore
 from .model import CutPath
@@ -101,6 +104,13 @@ class _RunOutbox:
         self.run_id = run_id
         self.lagging = client.lagging
 
+    def fall_behind(self, sub: Subscriber) -> None:
+        self.lagging.append(sub)
+
+    @property
+    def behind(self) -> bool:
+        return bool(self.lagging)
+
     def offer(self, frame: Event | str) -> bool:
         if self.client.gone:
             return False
@@ -117,7 +127,9 @@ class Stage:
 
     def __init__(self, nursery: trio.Nursery, agent: Agent, save_timeout_s: float) -> None:
         self.store = FaultyStore()
-        self.registry = RunRegistry(nursery, self.store, agent, save_timeout_s=save_timeout_s, max_queued_runs=2)
+        self.registry = RunRegistry(
+            nursery, self.store, agent, broker=InProcessBroker(), save_timeout_s=save_timeout_s, max_queued_runs=2
+        )
         self.runs: list[Run] = []
         self.client = Client(self._run_started)
         self.registry.follow(SESSION, self.client)
