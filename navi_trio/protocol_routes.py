@@ -4,7 +4,7 @@ and ``POST /ag-ui``, each an SSE response that follows one run.
 Thin on purpose: the protocols are translated by the sans-IO modules in
 :mod:`navi_trio.protocols`; this module checks the caller, starts the run through the
 registry as a WebSocket message would, and moves bytes. An :class:`SseStream` is an
-:class:`~navi_trio.runs.Outbox` like a WebSocket connection: the run offers it events
+:class:`~navi_trio.fanout.Outbox` like a WebSocket connection: the run offers it events
 without ever waiting; when its bounded outbox is full it falls behind and is caught up
 from the run's log, deltas merged, so a slow reader never slows the run and nothing
 beyond the log is held for it. A client that goes away is a disconnect, never a stop:
@@ -25,11 +25,12 @@ import trio
 
 from . import uploads
 from .auth import check_access
-from .connection import ALREADY_RUNNING, MAX_IMAGE_BYTES, check_base64, parse_message
+from .catchup import CatchUp
+from .connection import ALREADY_RUNNING
 from .errors import BadClientMessage, QueueFull, RunAlreadyActive, ShuttingDown, StoreError
 from .events import Event
 from .http import STREAMED, HTTPError, read_body
-from .metrics import Tally
+from .messages import MAX_IMAGE_BYTES, check_base64, parse_message
 from .protocols import ag_ui, ai_sdk, sse
 from .store import find_session
 from .uploads import BadUpload
@@ -37,7 +38,10 @@ from .uploads import BadUpload
 if TYPE_CHECKING:
     from .agents.pacing import Pacer
     from .asgi_types import Receive, Scope, Send
-    from .runs import Run, RunRegistry, RunRequest, Subscriber
+    from .broker import Broker
+    from .fanout import Subscriber
+    from .lifecycle import Run, RunRequest
+    from .runs import RunRegistry
     from .settings import Settings
     from .store.base import SessionRecord, User
 
@@ -74,7 +78,7 @@ def _decoded(item: Event | str) -> dict[str, Any]:
 
 
 class SseStream:
-    """One SSE response following one run: the run's :class:`~navi_trio.runs.Outbox`.
+    """One SSE response following one run: the run's :class:`~navi_trio.fanout.Outbox`.
 
     Three tasks in one nursery, as for a WebSocket connection: the writer (the only one
     that calls ``send``), the keep-alive, and the disconnect watch (``receive`` until
@@ -82,29 +86,19 @@ class SseStream:
     """
 
     def __init__(
-        self,
-        send: Send,
-        receive: Receive,
-        translator: Translator,
-        *,
-        heartbeat_s: float,
-        outbox_size: int,
-        end: bytes,
-        tally: Tally | None = None,
+        self, send: Send, receive: Receive, translator: Translator, *, heartbeat_s: float, outbox_size: int, end: bytes
     ) -> None:
         self._send = send
-        #: Where the events written are counted (``navi_events_sent_total``), as a
-        #: WebSocket's writer counts its frames: a plain int on the hot path.
-        self._tally = tally if tally is not None else Tally()
         self._receive = receive
         self._translator = translator
         self._end = end
         self.heartbeat_s = heartbeat_s
         self._outbox_send, self._outbox_recv = trio.open_memory_channel[SseItem](outbox_size)
-        self.lagging: list[Subscriber] = []
+        self.lagging: CatchUp[Subscriber] = CatchUp()
         self.last_send = trio.current_time()
         #: True once the client went away (nothing more is written then).
         self.disconnected = False
+        self._sub: Subscriber | None = None
 
     # -- Outbox ------------------------------------------------------------------------
     def offer(self, frame: SseItem) -> bool:
@@ -117,8 +111,15 @@ class SseStream:
     def wake(self) -> None:
         self.offer(None)
 
+    def fall_behind(self, sub: Subscriber) -> None:
+        self.lagging.append(sub)
+
+    @property
+    def behind(self) -> bool:
+        return bool(self.lagging)
+
     # -- lifecycle ---------------------------------------------------------------------
-    async def serve(self, run: Run, headers: list[tuple[bytes, bytes]], pacer: Pacer) -> None:
+    async def serve(self, run: Run, broker: Broker, headers: list[tuple[bytes, bytes]], pacer: Pacer) -> None:
         """Answer ``200`` with the run translated, from its first event to its terminal
         one, then end the response.
 
@@ -127,8 +128,10 @@ class SseStream:
         outbox; unsubscribes from the run on the way out, whatever ends it.
         """
         # A replay from the start: the run's events so far from its log, then the live
-        # ones, with no gap or duplicate between them (``Run.subscribe`` is synchronous).
-        sub = run.subscribe(self, replay=True)
+        # ones, with no gap or duplicate between them (``Broker.subscribe`` is synchronous).
+        sub = broker.subscribe(run, self, replay=True)
+        sub.reports_wire = True  # the writer says when the run's terminal part is sent
+        self._sub = sub
         try:
             with self._outbox_send, self._outbox_recv:
                 await self._send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -140,7 +143,7 @@ class SseStream:
                 if not self.disconnected:
                     await self._send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            run.unsubscribe(sub)
+            broker.unsubscribe(sub)
             if self.disconnected and not run.log.finished:
                 log.info("sse.client_left", run_id=run.id)
 
@@ -174,11 +177,10 @@ class SseStream:
             except trio.WouldBlock:
                 empty = True
             if empty and lagging:
-                frame = lagging[0].next_catch_up_frame()
+                frame = lagging.next_frame()
                 if frame is not None:
                     await trio.lowlevel.checkpoint()
                     return frame
-                del lagging[0]
                 continue
             return await self._outbox_recv.receive()
 
@@ -200,9 +202,9 @@ class SseStream:
                     chunk += self._end
             await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
             self.last_send = trio.current_time()
-            if not isinstance(item, bytes):  # a run's event (maybe merged), not a keep-alive
-                self._tally.frames_sent += 1
             if translator.done:
+                if self._sub is not None:
+                    self._sub.on_wire()
                 return
 
 
@@ -277,16 +279,10 @@ class ProtocolRoutes:
         (the run is not touched: it goes on and saves its answer)."""
         settings = self.settings
         stream = SseStream(
-            send,
-            receive,
-            translator,
-            heartbeat_s=settings.heartbeat_s,
-            outbox_size=settings.outbox_size,
-            end=end,
-            tally=self.registry.metrics.tally,
+            send, receive, translator, heartbeat_s=settings.heartbeat_s, outbox_size=settings.outbox_size, end=end
         )
         try:
-            await stream.serve(run, headers, self.pacer)
+            await stream.serve(run, self.registry.broker, headers, self.pacer)
         except Exception:
             log.exception("sse.failed", run_id=run.id)
         return STREAMED, None
@@ -365,7 +361,7 @@ class ProtocolRoutes:
                 request, upload_dir=uploads.session_dir(settings.data_dir, session.user_id, session.id)
             )
             if request.images:
-                await check_base64(request.images)  # in steps on the loop (issue 10)
+                await trio.to_thread.run_sync(check_base64, request.images)
         except BadClientMessage as exc:
             raise HTTPError(422, str(exc)) from None
         if files:
