@@ -16,8 +16,11 @@ from typing import TYPE_CHECKING, Final
 
 from .errors import NaviError
 
+# A store record (``store/base.py``); named here too for the callers that take it from auth.
+from .store.base import User as User
+
 if TYPE_CHECKING:
-    from .store.base import SessionRecord, Store, User
+    from .store.base import SessionRecord, Store
 
 TOKEN_PREFIX: Final = "nv_"
 _TOKEN_SHAPE: Final = re.compile(r"^nv_[A-Za-z0-9_-]{40,64}$")

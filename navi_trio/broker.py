@@ -128,6 +128,11 @@ class Broker(Protocol):
         """Empty every queue (shutdown); return what they held, oldest first per session."""
         ...
 
+    @property
+    def queued_count(self) -> int:
+        """How many messages wait, over every session."""
+        ...
+
     # -- revocations and closes ----------------------------------------------------------
     def has_user_connections(self) -> bool:
         """Some follower belongs to a user (only then can a revocation concern anyone)."""
@@ -242,6 +247,10 @@ class InProcessBroker:
 
     def forget_queue(self, session_id: str) -> None:
         self._queues.pop(session_id, None)
+
+    @property
+    def queued_count(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
 
     def take_all_queued(self) -> list[RunRequest]:
         requests = [queued.request for queue in self._queues.values() for queued in queue]

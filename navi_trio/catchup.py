@@ -93,6 +93,8 @@ class Cursor:
 class Lagging(Protocol):
     """A cursor with its log at hand (a :class:`~navi_trio.fanout.Subscriber`)."""
 
+    queued: int
+
     def next_catch_up_frame(self) -> str | None: ...
 
 
@@ -109,13 +111,16 @@ class CatchUp(list[L]):
 
     __slots__ = ()
 
-    def next_frame(self) -> str | None:
-        """The next catch-up frame, or None once every subscription is caught up (each is
-        re-armed and dropped from here as it catches up)."""
+    def next_frame(self) -> tuple[str, int] | None:
+        """The next catch-up frame and how many of the log's events it carries (more than
+        one: merged), or None once every subscription is caught up (each is re-armed and
+        dropped from here as it catches up)."""
         while self:
-            frame = self[0].next_catch_up_frame()
+            sub = self[0]
+            seen = sub.queued
+            frame = sub.next_catch_up_frame()
             if frame is not None:
-                return frame
+                return frame, sub.queued - seen
             del self[0]
         return None
 

@@ -191,6 +191,7 @@ class Connection:
         """
         structlog.contextvars.bind_contextvars(conn_id=self.id, session_id=self.session_id, user_id=self.user_id)
         log.info("ws.open")
+        self.registry.metrics.tally.websockets += 1
         try:
             with self._outbox_send, self._outbox_recv:
                 async with trio.open_nursery() as nursery:
@@ -213,6 +214,7 @@ class Connection:
             raise
         finally:
             self._detach()
+            self.registry.metrics.tally.websockets -= 1
             log.info("ws.closed")
 
     def _attach(self, resume_run_id: str | None, resume_after: int | None) -> None:
@@ -252,6 +254,7 @@ class Connection:
         send = self._send
         recv = self._outbox_recv
         lagging = self.lagging
+        tally = self.registry.metrics.tally
         pending: OutboxItem = None
         item: OutboxItem
         terminal: Event | None
@@ -270,9 +273,12 @@ class Connection:
                 # and its traceback alive as long as the connection is idle (~400 bytes).
                 if empty:
                     if lagging:
-                        item = lagging.next_frame()
-                        if item is None:
+                        caught = lagging.next_frame()
+                        if caught is None:
                             continue
+                        item, carried = caught
+                        if carried > 1:  # several events of the log in one frame
+                            tally.frames_merged += 1
                     elif self.close_code is not None:
                         await send({"type": "websocket.close", "code": self.close_code, "reason": self.close_reason})
                         assert self._nursery is not None
@@ -294,7 +300,10 @@ class Connection:
             else:
                 frame, nxt = coalesce(item, recv.receive_nowait, trio.WouldBlock)
                 pending = None if nxt is EMPTY else cast("OutboxItem", nxt)
+                if frame is not item.wire:
+                    tally.frames_merged += 1
             await send({"type": "websocket.send", "text": frame})
+            tally.frames_sent += 1
             self.last_send = trio.current_time()
             if terminal is not None:
                 self._on_wire(terminal)
@@ -305,7 +314,8 @@ class Connection:
             now = trio.current_time()
             due = self.last_send + hb
             if now >= due:
-                self.offer(HEARTBEAT)  # a full outbox means we are sending anyway
+                if self.offer(HEARTBEAT):  # a full outbox means we are sending anyway
+                    self.registry.metrics.tally.heartbeats_sent += 1
                 self.last_send = now
                 due = now + hb
             await self._pacer.sleep_until(due)

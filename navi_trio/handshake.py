@@ -42,20 +42,24 @@ async def handshake(
     try:
         user = await authenticate(registry.store, settings.auth, bearer_token(scope["headers"], _first(query, "token")))
     except AuthError as exc:
+        registry.metrics.refused("auth")
         await close(CLOSE_DENIED, str(exc))
         return None
     m = WS_PATH.match(scope["path"])
     session = await find_session(registry.store, m["sid"]) if m else None
     if session is None:
+        registry.metrics.refused("not_found")
         await close(CLOSE_NOT_FOUND, "Session not found")
         return None
     try:
         check_access(session, user)
     except (AuthError, AccessDenied) as exc:
+        registry.metrics.refused("forbidden")
         await close(CLOSE_DENIED, str(exc))
         return None
     user_id = user.id if user else None
     if user_id is not None and registry.broker.connections_of(user_id) >= settings.max_connections_per_user:
+        registry.metrics.refused("limit")
         await close(CLOSE_POLICY, f"Too many connections (max {settings.max_connections_per_user} per user)")
         return None
     conn = Connection(

@@ -41,6 +41,7 @@ from .store.base import Answer, NewRun, utc_now
 
 if TYPE_CHECKING:
     from .agents.base import Agent
+    from .metrics import Metrics
     from .persistence import Persistence
     from .store.base import Store
 
@@ -48,6 +49,15 @@ log = structlog.get_logger("navi_trio.runs")
 
 #: Answer status saved for each stop reason.
 STATUS_FOR_REASON: Final = {"user": "stopped", "deleted": "stopped", "shutdown": "interrupted"}
+
+
+def _now() -> float:
+    try:
+        return trio.current_time()
+    except RuntimeError:  # built outside a trio run (a unit test): no arrival time
+        return float("nan")
+
+
 #: How long a settling run waits for its writers to put the terminal event on the wire
 #: before it saves anyway (a writer blocked on a client that stopped reading).
 WIRE_GIVE_UP_S: Final = 0.25
@@ -68,6 +78,8 @@ class RunRequest:
     files: list[str] = attrs.field(factory=list)
     #: This session's upload folder (tools read only there).
     upload_dir: Path | None = None
+    #: When the message arrived, on trio's clock (time to first delta is measured from it).
+    received_at: float = attrs.field(factory=_now)
 
     def saved_as(self, answer_id: str) -> NewRun:
         """What the store keeps of this message: the user's message and the id of its
@@ -313,7 +325,9 @@ class Run(FanOut):
         )
 
 
-async def live(run: Run, agent: Agent, persistence: Persistence, on_settled: Callable[[Run], None]) -> None:
+async def live(
+    run: Run, agent: Agent, persistence: Persistence, metrics: Metrics, on_settled: Callable[[Run], None]
+) -> None:
     """The run's task: save its user message, play the agent inside the run's own cancel
     scope, end, put the terminal event on the wire, save the answer, settle.
 
@@ -331,6 +345,7 @@ async def live(run: Run, agent: Agent, persistence: Persistence, on_settled: Cal
         session_id=run.session_id, run_id=run.id, conn_id=run.request.conn_id, user_id=run.user_id
     )
     log.info("run.started")
+    metrics.run_began(run)
     try:
         if getattr(agent, "wants_history", False):
             run.store = persistence.store

@@ -41,7 +41,7 @@ from prometheus_client.exposition import choose_encoder
 from . import logs
 
 if TYPE_CHECKING:
-    from .runs import Run
+    from .lifecycle import Run
     from .tracing import Tracing
 
 log = structlog.get_logger("navi_trio.metrics")

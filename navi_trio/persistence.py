@@ -21,6 +21,7 @@ from .store.base import Answer, NewRun
 
 if TYPE_CHECKING:
     from .lifecycle import Run, RunRequest
+    from .metrics import Metrics
     from .store.base import Store
 
 log = structlog.get_logger("navi_trio.runs")
@@ -42,9 +43,10 @@ class _Begin:
 class Persistence:
     """The store, as the runs use it."""
 
-    def __init__(self, nursery: trio.Nursery, store: Store, save_timeout_s: float) -> None:
+    def __init__(self, nursery: trio.Nursery, store: Store, save_timeout_s: float, metrics: Metrics) -> None:
         self._nursery = nursery
         self.store = store
+        self._metrics = metrics
         self.save_timeout_s = save_timeout_s
         #: Final answers the store refused (locked, read-only, full): retried every
         #: checkpoint tick until they are in, so no failed answer stays hidden as running.
@@ -55,6 +57,11 @@ class Persistence:
         #: Set when there is something for the checkpoint task to do (a run started, an
         #: answer waits for a retry); it sleeps on this, not on a timer, when idle.
         self._work = trio.Event()
+
+    @property
+    def unsaved_count(self) -> int:
+        """Final answers waiting for a retry."""
+        return len(self._unsaved)
 
     def run_started(self) -> None:
         """A run started: checkpoints have something to look at."""
@@ -89,7 +96,8 @@ class Persistence:
                 errors: list[StoreError | None] = [None] * len(batch)
                 with trio.move_on_after(self.save_timeout_s, shield=True) as scope:
                     try:
-                        await self.store.begin_runs([b.new_run for b in batch])
+                        with self._metrics.store_op("begin"):
+                            await self.store.begin_runs([b.new_run for b in batch])
                     except StoreError as exc:
                         if len(batch) == 1:
                             errors[0] = exc
@@ -118,7 +126,8 @@ class Persistence:
         """
         answer = run.answer()
         try:
-            await self.store.save_answer(answer)
+            with self._metrics.store_op("save"):
+                await self.store.save_answer(answer)
         except StoreError as exc:
             log.error("run.save_failed", error=str(exc), retry_every_s="checkpoint interval")
             self._unsaved[answer.id] = answer
@@ -128,7 +137,7 @@ class Persistence:
     async def _retry_unsaved(self) -> None:
         for answer_id, answer in list(self._unsaved.items()):
             try:
-                with trio.move_on_after(self.save_timeout_s):
+                with trio.move_on_after(self.save_timeout_s), self._metrics.store_op("save"):
                     await self.store.save_answer(answer)
                     del self._unsaved[answer_id]
                     log.info("run.save_retried", answer_id=answer_id, status=answer.status)
@@ -160,7 +169,7 @@ class Persistence:
                 continue
             changes = [r.log.answer_changes for r in dirty]
             try:
-                with trio.move_on_after(self.save_timeout_s) as scope:
+                with trio.move_on_after(self.save_timeout_s) as scope, self._metrics.store_op("checkpoint"):
                     await self.store.checkpoint([r.answer("running") for r in dirty])
                 if scope.cancelled_caught:
                     raise StoreError("timed out saving answers in progress")

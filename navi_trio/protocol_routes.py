@@ -177,10 +177,10 @@ class SseStream:
             except trio.WouldBlock:
                 empty = True
             if empty and lagging:
-                frame = lagging.next_frame()
-                if frame is not None:
+                caught = lagging.next_frame()
+                if caught is not None:
                     await trio.lowlevel.checkpoint()
-                    return frame
+                    return caught[0]
                 continue
             return await self._outbox_recv.receive()
 

@@ -18,6 +18,7 @@ from . import admission
 from .admission import Queued
 from .errors import StoreError
 from .lifecycle import Run, RunRequest, live
+from .metrics import Metrics
 from .persistence import Persistence
 
 if TYPE_CHECKING:
@@ -46,8 +47,10 @@ class RunRegistry:
         save_timeout_s: float = 5.0,
         max_queued_runs: int = 4,
         max_run_events: int = 200_000,
+        metrics: Metrics | None = None,
     ) -> None:
         self._nursery = server_nursery
+        self.metrics = metrics if metrics is not None else Metrics.detached()
         self.store = store
         self.broker = broker
         self._agent = agent
@@ -55,7 +58,7 @@ class RunRegistry:
         self._max_run_events = max_run_events
         #: The agent's own check of a message before its run starts, if it has one.
         self._check_message = getattr(agent, "check_message", None)
-        self.persistence = Persistence(server_nursery, store, save_timeout_s)
+        self.persistence = Persistence(server_nursery, store, save_timeout_s, self.metrics)
         #: Set when shutdown begins: no new runs from then on.
         self.closing = trio.Event()
         #: Set once every run has ended after shutdown began.
@@ -68,6 +71,14 @@ class RunRegistry:
     @property
     def runs(self) -> list[Run]:
         return self.broker.runs
+
+    @property
+    def queued_count(self) -> int:
+        return self.broker.queued_count
+
+    @property
+    def unsaved_count(self) -> int:
+        return self.persistence.unsaved_count
 
     async def current(self, session_id: str) -> Run | None:
         """The session's active run as a client sees it: a run that is over (ENDED: its
@@ -169,7 +180,9 @@ class RunRegistry:
         self.persistence.run_started()
         self.broker.announce(run)
         run.start()
-        self._nursery.start_soon(live, run, self._agent, self.persistence, self._settled, name=f"run:{run.id}")
+        self._nursery.start_soon(
+            live, run, self._agent, self.persistence, self.metrics, self._settled, name=f"run:{run.id}"
+        )
 
     def stop(self, session_id: str, reason: str = "user") -> Run | None:
         """Cancel the session's active run, if any (synchronous; await ``run.done``)."""
@@ -183,10 +196,12 @@ class RunRegistry:
         Cancellation: the run is cancelled before any wait, so a cancel of the caller
         only ends the wait; the run still ends and saves in its own shielded cleanup.
         """
+        asked_at = trio.current_time()
         run = await self.current(session_id)
         if run is not None:
             self.broker.request_stop(session_id, "user")  # no checkpoint since current()
             await run.done.wait()
+            self.metrics.stop_answered(asked_at)
         return run
 
     def forget_session(self, session_id: str) -> None:
@@ -203,6 +218,7 @@ class RunRegistry:
         nxt = self.broker.pop_queued(sid)
         successor = self._new_run(nxt.request) if nxt is not None else None
         self.broker.release(run, successor)
+        self.metrics.run_ended(run, run.status)
         run.settle()
         if successor is not None:
             self._launch(successor)

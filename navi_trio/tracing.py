@@ -33,7 +33,7 @@ import trio
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
-    from .runs import Run
+    from .lifecycle import Run
 
 log = structlog.get_logger("navi_trio.tracing")
 

@@ -65,10 +65,10 @@ class RecordingOutbox:
             while self.queued:
                 item = self.queued.pop(0)
                 out.append(json.loads(item.wire if isinstance(item, Event) else item))
-            frame = self.lagging.next_frame()
-            if frame is None:
+            caught = self.lagging.next_frame()
+            if caught is None:
                 break
-            out.append(json.loads(frame))
+            out.append(json.loads(caught[0]))
         self.written += out
         return out
 

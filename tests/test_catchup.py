@@ -57,6 +57,10 @@ class Sub:
         self.log = log
         self.name = name
 
+    @property
+    def queued(self) -> int:
+        return self.cursor.queued
+
     def next_catch_up_frame(self) -> str | None:
         return self.cursor.next_frame(self.log, settled=False)
 
@@ -69,9 +73,11 @@ def test_catch_up_walks_lagging_subscriptions_oldest_first_and_drops_each_when_c
             log.text_delta(d)
     a, b = Sub(first, "a"), Sub(second, "b")
     catch_up: CatchUp[Sub] = CatchUp([a, b])
-    frames = []
-    while (frame := catch_up.next_frame()) is not None:
-        frames.append(json.loads(frame))
+    frames, carried = [], []
+    while (caught := catch_up.next_frame()) is not None:
+        frames.append(json.loads(caught[0]))
+        carried.append(caught[1])
+    assert carried == [1, 2, 1, 1]  # the two deltas of the first run in one frame
     assert [f["type"] for f in frames] == ["stream_start", "stream_delta", "stream_start", "stream_delta"]
     assert frames[1]["delta"] == "ab"
     assert not catch_up
