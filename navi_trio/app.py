@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -23,6 +24,7 @@ from .handshake import handshake
 from .http import HttpApi
 from .logs import guard_hypercorn_loggers
 from .metrics import Metrics
+from .origins import OriginPolicy, serve_http
 from .protocol_routes import ProtocolRoutes
 from .runs import RunRegistry
 from .settings import Settings
@@ -56,6 +58,9 @@ class Services:
             registry, registry.store, settings, health=health, protocols=ProtocolRoutes(registry, settings, pacer)
         )
         self.pacer = pacer
+        self.origins = OriginPolicy.parse(settings.allowed_origins)
+        #: Counts a request or WebSocket refused for its Origin.
+        self.origin_refused = partial(registry.metrics.refused, "origin")
 
 
 class NaviApp:
@@ -78,11 +83,17 @@ class NaviApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
+            services = self._services(scope)
             asset = page_asset(scope["path"])
-            if asset is not None:
-                await serve_page(asset, scope, send)
+            refused = services.origin_refused
+            if asset is None:
+                await serve_http(services.origins, services.http, scope, receive, send, refused)
             else:
-                await self._services(scope).http(scope, receive, send)
+
+                async def page(scope: Scope, receive: Receive, send: Send) -> None:
+                    await serve_page(asset, scope, send)
+
+                await serve_http(services.origins, page, scope, receive, send, refused)
         elif kind == "websocket":
             await self.websocket(scope, receive, send)
         elif kind == "lifespan":
@@ -215,7 +226,16 @@ class NaviApp:
         locals (query, session, user, the close helper) die with ``handshake`` instead.
         """
         services = self._services(scope)
-        opened = await handshake(scope, receive, send, services.registry, services.settings, services.pacer)
+        opened = await handshake(
+            scope,
+            receive,
+            send,
+            services.registry,
+            services.settings,
+            services.pacer,
+            services.origins,
+            services.origin_refused,
+        )
         if opened is not None:
             conn, resume_run_id, resume_after = opened
             await conn.serve(resume_run_id=resume_run_id, resume_after=resume_after)

@@ -25,6 +25,7 @@ import orjson
 import structlog
 import trio
 
+from . import frame_json
 from .agents.pacing import Pacer
 from .catchup import EMPTY, CatchUp, coalesce
 from .errors import BadClientMessage, QueueFull, RunAlreadyActive, ShuttingDown
@@ -357,7 +358,7 @@ class Connection:
 
     async def _handle(self, text: str, *, in_stop: bool = False) -> None:
         try:
-            data = orjson.loads(text)
+            data = await frame_json.loads(text, images_checked_later=True)  # by check_base64
         except orjson.JSONDecodeError:
             await self._answer_error("Invalid JSON")
             return

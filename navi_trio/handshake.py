@@ -14,9 +14,13 @@ from urllib.parse import parse_qs
 
 from .auth import AccessDenied, AuthError, authenticate, bearer_token, check_access
 from .connection import CLOSE_DENIED, CLOSE_NOT_FOUND, CLOSE_POLICY, Connection
+from .origins import REFUSED as ORIGIN_REFUSED
+from .origins import OriginPolicy, header
 from .store import find_session
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .agents.pacing import Pacer
     from .asgi_types import Receive, Scope, Send
     from .runs import RunRegistry
@@ -26,7 +30,14 @@ WS_PATH: Final = re.compile(r"^/ws/sessions/(?P<sid>[A-Za-z0-9_-]{1,64})$")
 
 
 async def handshake(
-    scope: Scope, receive: Receive, send: Send, registry: RunRegistry, settings: Settings, pacer: Pacer
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    registry: RunRegistry,
+    settings: Settings,
+    pacer: Pacer,
+    origins: OriginPolicy,
+    origin_refused: Callable[[], None],
 ) -> tuple[Connection, str | None, int | None] | None:
     """Accept the WebSocket, then refuse it with a close code or return its
     :class:`Connection` and resume point (``run_id``, ``after``)."""
@@ -38,6 +49,12 @@ async def handshake(
 
     async def close(code: int, reason: str) -> None:
         await send({"type": "websocket.close", "code": code, "reason": reason})
+
+    origin = header(scope, b"origin")  # a browser's: a page of another site must not hijack
+    if origin is not None and not origins.allows(origin, header(scope, b"host")):
+        origin_refused()
+        await close(CLOSE_DENIED, ORIGIN_REFUSED)
+        return None
 
     try:
         user = await authenticate(registry.store, settings.auth, bearer_token(scope["headers"], _first(query, "token")))

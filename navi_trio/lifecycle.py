@@ -34,7 +34,7 @@ import attrs
 import structlog
 import trio
 
-from .errors import AgentError, LifecycleError, StoreError
+from .errors import AgentError, LifecycleError, SessionGone, StoreError
 from .events import RunLog
 from .fanout import FanOut, Subscriber, WireFlush
 from .store.base import Answer, NewRun, utc_now
@@ -114,6 +114,8 @@ class How(enum.Enum):
     FAILED = "failed"
     #: Cancelled from outside the run's scope (the server nursery going away).
     ABANDONED = "abandoned"
+    #: Its session was deleted under it (a message that raced its session's DELETE).
+    GONE = "gone"
 
 
 @attrs.frozen
@@ -137,6 +139,8 @@ def ending(how: How, *, stop_reason: str | None, failure: str | None, message: s
         return Ending("stream_end", "complete")
     if how is How.FAILED:
         return Ending("error", "error", message=message)
+    if how is How.GONE:
+        return Ending("stream_stopped", "stopped", reason="deleted")
     if how is How.CANCELLED and failure is not None:
         return Ending("error", "error", message=failure)
     reason = stop_reason or ("user" if how is How.CANCELLED else "shutdown")
@@ -228,8 +232,8 @@ class Run(FanOut):
             events = self.log.error(end.message or "")
         else:
             assert end.reason is not None
-            if how is How.ABANDONED:
-                self.stop_reason = end.reason  # a shutdown nobody asked of this run
+            if how is How.ABANDONED or how is How.GONE:
+                self.stop_reason = end.reason  # an end nobody asked of this run
             events = self.log.stopped(end.reason)
         self.status = end.status
         self.publish(events)
@@ -360,6 +364,11 @@ async def live(
     except AgentError as exc:
         log.info("run.agent_error", error=str(exc))
         run.end(How.FAILED, str(exc))
+    except SessionGone:
+        # A message that raced its session's DELETE: the run ends as a deleted session's
+        # runs do. Nothing failed, so nothing is logged as an error.
+        log.info("run.session_gone")
+        run.end(How.GONE)
     except StoreError as exc:
         log.error("run.store_error", error=str(exc))
         run.end(How.FAILED, f"Storage error: {exc}")

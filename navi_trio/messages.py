@@ -9,7 +9,6 @@ read a lot of bytes or the disk (base64, uploads) run in a worker thread.
 
 from __future__ import annotations
 
-import binascii
 from pathlib import Path
 from typing import Any, Final
 
@@ -18,6 +17,7 @@ import trio
 
 from . import uploads
 from .admission import IF_RUNNING
+from .base64_check import is_base64
 from .errors import BadClientMessage
 from .lifecycle import RunRequest
 from .uploads import BadUpload
@@ -45,8 +45,8 @@ async def run_request(
 ) -> tuple[RunRequest, str]:
     """A client ``message`` made into a checked :class:`RunRequest` and its ``if_running``.
 
-    Cancellation: the base64 and upload checks run in worker threads; a cancel abandons
-    the check (the thread finishes on its own) and nothing has been submitted.
+    Cancellation: the base64 check runs in chunks on the event loop, the upload check in
+    a worker thread; a cancel ends (or abandons) the check and nothing has been submitted.
     Raises :class:`BadClientMessage` or :class:`BadUpload`.
     """
     request, if_running = parse_message(data, session_id, user_id, conn_id, max_chars)
@@ -54,7 +54,7 @@ async def run_request(
         folder = uploads.session_dir(uploads_root, session_owner, session_id)
         request = attrs.evolve(request, upload_dir=folder)
     if request.images:
-        await trio.to_thread.run_sync(check_base64, request.images)
+        await check_base64(request.images)
     files = data.get("files")
     if files is not None and files != []:
         request = await with_files(request, files, uploads_root, session_owner)
@@ -92,7 +92,7 @@ def parse_message(
     if not isinstance(data, dict) or data.get("type") != "message":
         raise BadClientMessage(EXPECTED_MESSAGE)
     content = data.get("content")
-    if not isinstance(content, str) or not content.strip():
+    if not isinstance(content, str) or not content or content.isspace():  # no copy, unlike strip()
         raise BadClientMessage(EXPECTED_MESSAGE)
     if len(content) > max_chars:
         raise BadClientMessage(f"Message too long ({len(content)} characters). Max {max_chars} allowed.")
@@ -121,32 +121,33 @@ def _parse_images(raw: Any) -> list[str]:
         raise BadClientMessage(f"Too many images ({len(raw)}). Max {MAX_IMAGES} allowed.")
     total = 0
     for img in raw:
-        parts = _data_url(img)
-        total += len(parts[1] if parts else img)
+        total += len(img) - _payload_start(img)
         if total > MAX_IMAGE_BYTES:
             raise BadClientMessage("Total image payload exceeds 50 MB limit.")
     return list(raw)
 
 
-def _data_url(img: str) -> tuple[str, str] | None:
-    """``(head, payload)`` of a ``data:<head>,<payload>`` image, or None if it is not one."""
+def _payload_start(img: str) -> int:
+    """Where the payload of a ``data:<head>,<payload>`` image begins (0 if it is not one),
+    found without copying a 50 MB string."""
     if not img.startswith("data:"):
-        return None
-    head, comma, payload = img.partition(",")
-    return (head, payload) if comma else None
+        return 0
+    return img.find(",") + 1  # no comma: 0, the whole string counts
 
 
-def check_base64(images: list[str]) -> None:
-    """Each image is base64, or a ``data:<type>;base64,<data>`` URL. Up to 50 MB of
-    decoding: call it in a worker thread. Raises :class:`BadClientMessage`."""
+async def check_base64(images: list[str]) -> None:
+    """Each image is base64, or a ``data:<type>;base64,<data>`` URL. Up to 50 MB, checked
+    in chunks on the event loop (:mod:`~navi_trio.base64_check`), so other streams go on.
+    Raises :class:`BadClientMessage`.
+
+    Cancellation: a cancel between chunks ends the check; the message is not submitted.
+    """
     for i, img in enumerate(images, start=1):
-        payload = img
+        start = 0
         if img.startswith("data:"):
-            parts = _data_url(img)
-            if parts is None or not parts[0].endswith(";base64"):
+            comma = img.find(",")
+            if comma < 0 or not img.endswith(";base64", 0, comma):
                 raise BadClientMessage(f"Image {i} is not a base64 data: URL.")
-            payload = parts[1]
-        try:
-            binascii.a2b_base64(payload, strict_mode=True)
-        except (binascii.Error, ValueError):
-            raise BadClientMessage(f"Image {i} is not valid base64.") from None
+            start = comma + 1
+        if not await is_base64(img, start):
+            raise BadClientMessage(f"Image {i} is not valid base64.")

@@ -31,6 +31,7 @@ from .errors import BadClientMessage, QueueFull, RunAlreadyActive, ShuttingDown,
 from .events import Event
 from .http import STREAMED, HTTPError, read_body
 from .messages import MAX_IMAGE_BYTES, check_base64, parse_message
+from .metrics import Tally
 from .protocols import ag_ui, ai_sdk, sse
 from .store import find_session
 from .uploads import BadUpload
@@ -86,8 +87,19 @@ class SseStream:
     """
 
     def __init__(
-        self, send: Send, receive: Receive, translator: Translator, *, heartbeat_s: float, outbox_size: int, end: bytes
+        self,
+        send: Send,
+        receive: Receive,
+        translator: Translator,
+        *,
+        heartbeat_s: float,
+        outbox_size: int,
+        end: bytes,
+        tally: Tally | None = None,
     ) -> None:
+        #: Where the events written are counted (``navi_events_sent_total``), as a
+        #: WebSocket's writer counts its frames: a plain int on the hot path.
+        self._tally = tally if tally is not None else Tally()
         self._send = send
         self._receive = receive
         self._translator = translator
@@ -202,6 +214,8 @@ class SseStream:
                     chunk += self._end
             await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
             self.last_send = trio.current_time()
+            if not isinstance(item, bytes):  # a run's event (maybe merged), not a keep-alive
+                self._tally.frames_sent += 1
             if translator.done:
                 if self._sub is not None:
                     self._sub.on_wire()
@@ -279,7 +293,13 @@ class ProtocolRoutes:
         (the run is not touched: it goes on and saves its answer)."""
         settings = self.settings
         stream = SseStream(
-            send, receive, translator, heartbeat_s=settings.heartbeat_s, outbox_size=settings.outbox_size, end=end
+            send,
+            receive,
+            translator,
+            heartbeat_s=settings.heartbeat_s,
+            outbox_size=settings.outbox_size,
+            end=end,
+            tally=self.registry.metrics.tally,
         )
         try:
             await stream.serve(run, self.registry.broker, headers, self.pacer)
@@ -361,7 +381,7 @@ class ProtocolRoutes:
                 request, upload_dir=uploads.session_dir(settings.data_dir, session.user_id, session.id)
             )
             if request.images:
-                await trio.to_thread.run_sync(check_base64, request.images)
+                await check_base64(request.images)  # in steps on the loop (issue 10)
         except BadClientMessage as exc:
             raise HTTPError(422, str(exc)) from None
         if files:

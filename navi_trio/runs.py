@@ -111,6 +111,16 @@ class RunRegistry:
     def unfollow(self, session_id: str, follower: Follower) -> None:
         self.broker.unfollow(session_id, follower)
 
+    def followers(self, session_id: str) -> list[Follower]:
+        return self.broker.followers(session_id)
+
+    @property
+    def follower_count(self) -> int:
+        return self.broker.follower_count
+
+    def connections_of(self, user_id: str) -> int:
+        return self.broker.connections_of(user_id)
+
     async def serve_revocations(self, interval_s: float) -> None:
         """Close the connections of users revoked since they connected, within
         ``interval_s`` (revocation happens in another process: the CLI).

@@ -41,6 +41,7 @@ def new_run() -> Run:
         (How.FAILED, "user", None, "boom", Ending("error", "error", message="boom")),
         (How.ABANDONED, None, None, None, Ending("stream_stopped", "interrupted", reason="shutdown")),
         (How.ABANDONED, "user", None, None, Ending("stream_stopped", "stopped", reason="user")),
+        (How.GONE, None, None, None, Ending("stream_stopped", "stopped", reason="deleted")),
     ],
 )
 def test_ending_decides_terminal_and_status(
