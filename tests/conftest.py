@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -7,10 +8,12 @@ from typing import Any
 import pytest
 import structlog
 
+from navi_trio.cluster.redis import Client, Keys, connect
 from navi_trio.store import Store
 
 from .helpers import Server, open_server
 from .pg import PgServer, opened_store, running_postgres, store_target
+from .redis_server import RedisServer, running_redis
 
 
 @pytest.fixture
@@ -66,3 +69,24 @@ def log_events() -> Iterator[list[dict[str, Any]]]:
         yield events
     finally:
         structlog.configure(**old)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server for the whole test session (see ``tests/redis_server.py``); it
+    fails, never skips, when redis-server is not installed."""
+    with running_redis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_keys() -> Keys:
+    """Key names of a test's own (a prefix nobody else uses): tests share one redis-server."""
+    return Keys(prefix=f"t{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[Client]:
+    """A client of the test session's redis-server."""
+    async with connect(redis_server.url) as client:
+        yield client
