@@ -1,0 +1,312 @@
+"""One process's part in a cluster: the async, by-id half of the Redis broker.
+
+The in-process broker (``broker.py``) can be synchronous because everything it speaks of
+is a local object. Across processes a claim is a round trip and a run played elsewhere is
+no local :class:`~navi_trio.lifecycle.Run`, so this node speaks of runs by id:
+
+- **its own runs**: :meth:`ClusterNode.claim` takes the session's lease; :meth:`own`
+  mirrors the run's log into its stream (a subscriber of the run like any connection,
+  whose writer is a task that appends batches: the run never waits for Redis), renews the
+  lease while the run lives and announces it on the bus; :meth:`finish` waits until the
+  terminal event is in the stream, marks the run settled (its answer is saved: the caller
+  calls it after the save) and hands the session on (to the next queued message's run)
+  or frees it;
+- **runs played elsewhere**: :meth:`watch` gives a :class:`RemoteRun`, a
+  :class:`~navi_trio.fanout.FanOut` over a :class:`~navi_trio.cluster.stream.MirrorLog`
+  fed by a task that reads the run's stream, so a connection subscribes to it, replays,
+  resumes and catches up exactly as from a local run;
+- **stops from anywhere**: :meth:`stop` asks the session's run to stop wherever it plays
+  (a ``stop`` notice on the bus) and returns once the run's stream says it is settled;
+- **dead owners**: :meth:`sweep` finds runs whose lease has expired and ends each once in
+  the cluster (``stream_stopped`` reason ``shutdown``), handing the rebuilt log to
+  ``on_orphan`` to save its answer ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final
+
+import structlog
+import trio
+
+from ..events import Event, RunLog
+from ..fanout import FanOut, Subscriber, WireFlush
+from .bus import Bus, Notice
+from .lease import Holder, Leases
+from .queues import Queues
+from .redis import Client, Keys
+from .stream import MirrorLog, RunStream, RunTakenOver, StreamReader, end_orphan
+
+if TYPE_CHECKING:
+    from ..admission import Queued
+    from ..lifecycle import Run
+
+log = structlog.get_logger("navi_trio.cluster")
+
+#: Bound on saving an orphaned run's answer and settling it (a sweep must not hang).
+ORPHAN_SAVE_S: Final = 10.0
+
+OnNotice = Callable[[Notice], None]
+OnOrphan = Callable[[str, str, RunLog], Awaitable[None]]
+
+
+class RemoteRun(FanOut):
+    """A run played by another process, as this one sees it: its id, its session, and
+    its log as read from its stream so far. Subscribers are fed as the stream is read."""
+
+    __slots__ = ("done", "first", "id", "log", "session_id", "subscribers", "wire")
+
+    def __init__(self, run_id: str, session_id: str) -> None:
+        self.id = run_id
+        self.session_id = session_id
+        self.log = MirrorLog(run_id)  # type: ignore[assignment]  # walks as a RunLog does
+        self.subscribers: list[Subscriber] = []
+        self.wire = WireFlush()
+        #: Set once the run is settled (its answer saved by its owner).
+        self.done = trio.Event()
+        #: Set once its first event has been read.
+        self.first = trio.Event()
+
+    @property
+    def mirror(self) -> MirrorLog:
+        return self.log  # type: ignore[return-value]
+
+    @property
+    def over(self) -> bool:
+        return self.mirror.finished
+
+    @property
+    def settled(self) -> bool:
+        return self.mirror.settled
+
+
+class StreamOutbox:
+    """The owner's subscription to its own run: what the run publishes, queued for the
+    task that appends it to the run's stream. Never full (bounded by the run's own event
+    bound), so the run never waits for Redis."""
+
+    def __init__(self) -> None:
+        self.pending: list[Event] = []
+        self.more = trio.Event()
+
+    def offer(self, frame: Event | str) -> bool:
+        if type(frame) is Event:
+            self.pending.append(frame)
+            self.more.set()
+        return True
+
+    def wake(self) -> None:
+        self.more.set()
+
+    def fall_behind(self, sub: Subscriber) -> None:  # never: offer never refuses
+        raise AssertionError("a stream outbox never falls behind")
+
+    @property
+    def behind(self) -> bool:
+        return False
+
+
+class _Owned:
+    """What the node keeps for a run it plays."""
+
+    __slots__ = ("flushed", "outbox", "run", "scope", "stream", "sub")
+
+    def __init__(self, run: Run, stream: RunStream, outbox: StreamOutbox, sub: Subscriber) -> None:
+        self.run = run
+        self.stream = stream
+        self.outbox = outbox
+        self.sub = sub
+        self.scope = trio.CancelScope()
+        #: Set once the terminal event is in the stream (or the run was taken over).
+        self.flushed = trio.Event()
+
+
+class ClusterNode:
+    """This process's view of the cluster (``owner`` names it in leases and notices)."""
+
+    def __init__(
+        self,
+        client: Client,
+        keys: Keys,
+        owner: str,
+        *,
+        lease_s: float,
+        max_run_events: int,
+        on_notice: OnNotice,
+        on_orphan: OnOrphan,
+    ) -> None:
+        self._client = client
+        self.keys = keys
+        self.owner = owner
+        self.lease_s = lease_s
+        self._max_events = max_run_events
+        self.leases = Leases(client, keys, owner, lease_s)
+        self.queues = Queues(client, keys, owner, self.leases.lease_ms)
+        self.bus = Bus(client, keys)
+        self._on_notice = on_notice
+        self._on_orphan = on_orphan
+        self._owned: dict[str, _Owned] = {}
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def _runs_key(self) -> str:
+        return f"{self.keys.prefix}:runs"
+
+    # -- the node's own tasks ----------------------------------------------------------
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen to the bus and sweep for orphaned runs; ``started`` once listening.
+
+        Cancellation: ends the node's tasks (each run's writer and lease renewal too); a
+        run it played is then ended by another process's sweep once its lease expires.
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.bus.listen, self._heard)
+            nursery.start_soon(self._sweep_forever)
+            task_status.started()
+
+    def _heard(self, notice: Notice) -> None:
+        if notice.kind == "stop":
+            owned = self._owned.get(notice.run_id)
+            if owned is not None:
+                owned.run.cancel(notice.reason)
+        self._on_notice(notice)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await trio.sleep(self.lease_s / 2)
+            await self.sweep()
+
+    # -- its own runs ------------------------------------------------------------------
+    async def claim(self, session_id: str, run_id: str) -> bool:
+        """Make ``run_id`` (to be played here) the session's run, cluster-wide."""
+        return await self.leases.claim(session_id, run_id)
+
+    async def own(self, run: Run) -> None:
+        """A run claimed here: record it, mirror its log into its stream, renew its lease,
+        and tell every process it started. Call before the run publishes ``stream_start``.
+        """
+        assert self._nursery is not None, "serve() first"
+        stream = RunStream(self._client, self.keys, run.id, self._max_events)
+        outbox = StreamOutbox()
+        owned = _Owned(run, stream, outbox, run.subscribe(outbox))
+        self._owned[run.id] = owned
+        await self._client.hset(self._runs_key, {run.id: f"{run.session_id} {run.answer_id}"})
+        self._nursery.start_soon(self._write, owned)
+        self._nursery.start_soon(self._renew, owned)
+        await self.bus.publish(Notice("run_started", run.session_id, run.id, owner=self.owner))
+
+    async def _write(self, owned: _Owned) -> None:
+        """Append what the run published, a batch per round trip, until its terminal event."""
+        outbox = owned.outbox
+        try:
+            with owned.scope:
+                while True:
+                    await outbox.more.wait()
+                    outbox.more = trio.Event()
+                    batch, outbox.pending = outbox.pending, []
+                    await owned.stream.append(batch)
+                    terminal = owned.run.log.terminal
+                    if terminal is not None and owned.stream.top >= terminal.seq:
+                        return
+        except RunTakenOver:
+            log.warning("cluster.run_taken_over", run_id=owned.run.id)
+            owned.run.cancel("shutdown")
+        finally:
+            owned.flushed.set()
+
+    async def _renew(self, owned: _Owned) -> None:
+        run = owned.run
+        while not run.over:
+            await trio.sleep(self.lease_s / 3)
+            if not await self.leases.renew(run.session_id, run.id):
+                log.warning("cluster.lease_lost", run_id=run.id)
+                run.cancel("shutdown")
+                return
+
+    async def finish(self, run: Run) -> tuple[Queued, str] | None:
+        """After the run's answer is saved: once its terminal event is in its stream, mark
+        it settled, and hand the session on in one step: to a new run id for the next
+        queued message (returned with it: play it here under that id), or to nobody
+        (None; also when the session was no longer ours).
+
+        Cancellation: the caller's shielded cleanup runs it; a cancel leaves the lease to
+        expire and the sweep to settle the run.
+        """
+        owned = self._owned.pop(run.id)
+        await owned.flushed.wait()
+        run.unsubscribe(owned.sub)
+        await owned.stream.settle()
+        await self._client.hdel(self._runs_key, [run.id])
+        successor_id = uuid.uuid4().hex
+        passed = await self.queues.pass_on(run.session_id, run.id, successor_id)
+        if passed is False:
+            log.warning("cluster.lease_lost_at_end", run_id=run.id)
+        if isinstance(passed, bool) or passed is None:
+            return None
+        return passed, successor_id
+
+    # -- runs played elsewhere ---------------------------------------------------------
+    async def watch(self, session_id: str, run_id: str, *, task_status: trio.TaskStatus[RemoteRun]) -> None:  # noqa: ASYNC114
+        """Follow a run played elsewhere: ``started`` at once with its :class:`RemoteRun`
+        (a follower subscribes now and gets every event as it is read; an attach or a
+        resume waits for ``remote.first`` so its replay has the run's ``stream_start``),
+        then feed its subscribers until it is settled.
+
+        Cancellation: only reads; a cancel ends the mirror (its subscribers get no more).
+        """
+        remote = RemoteRun(run_id, session_id)
+        reader = StreamReader(self._client, self.keys, run_id)
+        reader.log = remote.mirror
+        task_status.started(remote)
+        while not remote.mirror.settled:
+            new = await reader.read(block_ms=1000)
+            if new:
+                remote.first.set()
+                remote.publish(new)
+        remote.first.set()
+        remote.sync_subscribers()
+        remote.done.set()
+
+    async def holder(self, session_id: str) -> Holder | None:
+        return await self.leases.holder(session_id)
+
+    # -- stops from anywhere -----------------------------------------------------------
+    async def stop(self, session_id: str, reason: str) -> str | None:
+        """Stop the session's run wherever it plays; return its id once it is settled
+        (its terminal event in its stream, its answer saved), or None if none runs.
+
+        Cancellation: the stop is asked before any wait; a cancel only ends the wait.
+        """
+        holder = await self.leases.holder(session_id)
+        if holder is None:
+            return None
+        await self.bus.publish(Notice("stop", session_id, holder.run_id, reason=reason))
+        await StreamReader(self._client, self.keys, holder.run_id).read_until_settled()
+        return holder.run_id
+
+    # -- dead owners -------------------------------------------------------------------
+    async def sweep(self) -> list[str]:
+        """End every run whose owner's lease is gone (once in the cluster); the ids ended
+        here. Each is saved through ``on_orphan`` and then marked settled."""
+        ended: list[str] = []
+        runs: dict[str, str] = await self._client.hgetall(self._runs_key)
+        for run_id, value in runs.items():
+            session_id, _, answer_id = value.partition(" ")
+            holder = await self.leases.holder(session_id)
+            if holder is not None and holder.run_id == run_id:
+                continue
+            if run_id in self._owned:
+                continue  # ours and still finishing: finish() settles it
+            closed = await end_orphan(self._client, self.keys, run_id, max_events=self._max_events)
+            if closed is None:
+                continue
+            log.info("cluster.orphan_ended", run_id=run_id, session_id=session_id)
+            with trio.move_on_after(ORPHAN_SAVE_S, shield=True):
+                await self._on_orphan(session_id, answer_id, closed)
+                await RunStream(self._client, self.keys, run_id, self._max_events).settle()
+                await self._client.hdel(self._runs_key, [run_id])
+            ended.append(run_id)
+        return ended
