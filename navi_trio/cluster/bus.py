@@ -101,10 +101,21 @@ class Bus:
 
     async def follow(self, on_notice: Callable[[Notice], None], cursor: str, *, block_ms: int = 5000) -> None:
         """Like :meth:`listen`, from ``cursor``; runs until cancelled."""
+        await self.follow_ids(lambda notice, _id: on_notice(notice), cursor, block_ms=block_ms)
+
+    async def follow_ids(
+        self,
+        on_notice: Callable[[Notice, str], None],
+        cursor: str,
+        *,
+        block_ms: int = 5000,
+    ) -> None:
+        """:meth:`follow`, telling ``on_notice`` each notice's entry id too (the cursor to
+        go on from after an outage)."""
         while True:
             got = await self._client.xread({self.key: cursor}, count=500, block=block_ms)
             if not got:
                 continue
             for entry in got.get(self.key, ()):
                 cursor = cast(str, entry.identifier)
-                on_notice(Notice.from_fields(cast("dict[str, str]", dict(entry.field_values))))
+                on_notice(Notice.from_fields(cast("dict[str, str]", dict(entry.field_values))), cursor)

@@ -36,7 +36,7 @@ from ..fanout import FanOut, Subscriber, WireFlush
 from .bus import Bus, Notice
 from .lease import Holder, Leases
 from .queues import Queues
-from .redis import Client, Keys
+from .redis import CONNECTION_ERRORS, Client, Keys, RedisUnavailable
 from .stream import MirrorLog, RunStream, RunTakenOver, StreamReader, end_orphan
 
 if TYPE_CHECKING:
@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("navi_trio.cluster")
 
+#: What a lost Redis raises.
+REDIS_DOWN: Final = (*CONNECTION_ERRORS, RedisUnavailable)
+#: How often a task that lost Redis tries again.
+RETRY_S: Final = 0.5
 #: Bound on saving an orphaned run's answer and settling it (a sweep must not hang).
 ORPHAN_SAVE_S: Final = 10.0
 
@@ -149,6 +153,8 @@ class ClusterNode:
         self._on_orphan = on_orphan
         self._owned: dict[str, _Owned] = {}
         self._nursery: trio.Nursery | None = None
+        #: False while Redis does not answer (then ``/healthz`` answers 503).
+        self.healthy = True
 
     @property
     def _runs_key(self) -> str:
@@ -158,14 +164,45 @@ class ClusterNode:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen to the bus and sweep for orphaned runs; ``started`` once listening.
 
+        A lost Redis is not fatal: :attr:`healthy` turns False (``/healthz`` answers 503),
+        each task retries every :data:`RETRY_S`, and once Redis answers again the bus is
+        read on from the last notice heard (nothing before the outage is heard twice).
+
         Cancellation: ends the node's tasks (each run's writer and lease renewal too); a
         run it played is then ended by another process's sweep once its lease expires.
         """
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await nursery.start(self.bus.listen, self._heard)
+            cursor = await self.bus.cursor()
+            nursery.start_soon(self._listen_forever, cursor)
             nursery.start_soon(self._sweep_forever)
             task_status.started()
+
+    def _lost(self, exc: BaseException) -> None:
+        if self.healthy:
+            self.healthy = False
+            log.error("cluster.redis_lost", error=str(exc) or type(exc).__name__)
+
+    def _back(self) -> None:
+        if not self.healthy:
+            self.healthy = True
+            log.info("cluster.redis_back")
+
+    async def _listen_forever(self, cursor: str) -> None:
+        box = [cursor]
+
+        def heard(notice: Notice, entry_id: str) -> None:
+            box[0] = entry_id
+            self._heard(notice)
+
+        while True:
+            try:
+                await self._client.ping()
+                self._back()
+                await self.bus.follow_ids(heard, box[0])
+            except REDIS_DOWN as exc:
+                self._lost(exc)
+                await trio.sleep(RETRY_S)
 
     def _heard(self, notice: Notice) -> None:
         if notice.kind == "stop":
@@ -177,7 +214,10 @@ class ClusterNode:
     async def _sweep_forever(self) -> None:
         while True:
             await trio.sleep(self.lease_s / 2)
-            await self.sweep()
+            try:
+                await self.sweep()
+            except REDIS_DOWN as exc:
+                self._lost(exc)
 
     # -- its own runs ------------------------------------------------------------------
     async def claim(self, session_id: str, run_id: str) -> bool:
@@ -214,6 +254,9 @@ class ClusterNode:
         except RunTakenOver:
             log.warning("cluster.run_taken_over", run_id=owned.run.id)
             owned.run.cancel("shutdown")
+        except REDIS_DOWN as exc:
+            self._lost(exc)
+            owned.run.fail(f"Redis is unreachable ({exc or type(exc).__name__}): the answer was ended.")
         finally:
             owned.flushed.set()
 
@@ -221,7 +264,12 @@ class ClusterNode:
         run = owned.run
         while not run.over:
             await trio.sleep(self.lease_s / 3)
-            if not await self.leases.renew(run.session_id, run.id):
+            try:
+                renewed = await self.leases.renew(run.session_id, run.id)
+            except REDIS_DOWN as exc:
+                self._lost(exc)
+                continue  # the writer ends the run; the lease may still be saved
+            if not renewed:
                 log.warning("cluster.lease_lost", run_id=run.id)
                 run.cancel("shutdown")
                 return
@@ -238,10 +286,14 @@ class ClusterNode:
         owned = self._owned.pop(run.id)
         await owned.flushed.wait()
         run.unsubscribe(owned.sub)
-        await owned.stream.settle()
-        await self._client.hdel(self._runs_key, [run.id])
         successor_id = uuid.uuid4().hex
-        passed = await self.queues.pass_on(run.session_id, run.id, successor_id)
+        try:
+            await owned.stream.settle()
+            await self._client.hdel(self._runs_key, [run.id])
+            passed = await self.queues.pass_on(run.session_id, run.id, successor_id)
+        except REDIS_DOWN as exc:
+            self._lost(exc)
+            return None  # its lease expires by itself; a sweep settles its stream
         if passed is False:
             log.warning("cluster.lease_lost_at_end", run_id=run.id)
         if isinstance(passed, bool) or passed is None:
