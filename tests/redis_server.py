@@ -73,6 +73,11 @@ class RedisServer:
                 raise RuntimeError(f"redis-server did not answer on port {self.port} in 30 s: {self._log_text()}")
             time.sleep(0.02)
 
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "not running"
+        return self._proc.pid
+
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
