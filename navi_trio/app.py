@@ -18,6 +18,7 @@ import trio
 from .agents import make_agent
 from .agents.pacing import Pacer
 from .broker import InProcessBroker
+from .cluster.registry import ClusterRegistry, cluster_registry, open_cluster_client
 from .connection import CLOSE_RESTART
 from .errors import NaviError
 from .handshake import handshake
@@ -34,6 +35,7 @@ from .web.page import page_asset, serve_page
 
 if TYPE_CHECKING:
     from .asgi_types import Receive, Scope, Send
+    from .cluster.redis import Client
     from .store.base import Store
 
 log = structlog.get_logger("navi_trio.app")
@@ -79,6 +81,8 @@ class NaviApp:
         self.failure: str | None = None
         #: Set when the server nursery failed after startup: the host must stop serving.
         self.failed = trio.Event()
+        #: The registry, when this process is one of a cluster (``NAVI_REDIS_URL``).
+        self._cluster: ClusterRegistry | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -121,8 +125,12 @@ class NaviApp:
         started = stopping = False
         error: Exception | None = None
         try:
-            async with open_store(self.settings) as store, trio.open_nursery() as server_nursery:
-                registry = await self._start(scope, store, server_nursery)
+            async with (
+                open_store(self.settings) as store,
+                open_cluster_client(self.settings) as redis,
+                trio.open_nursery() as server_nursery,
+            ):
+                registry = await self._start(scope, store, server_nursery, redis)
                 started = True
                 await send({"type": "lifespan.startup.complete"})
                 message = await receive()  # lifespan.shutdown: every connection has ended
@@ -144,7 +152,9 @@ class NaviApp:
         else:
             await self._supervisor_failed(error, receive, send, stopping=stopping)
 
-    async def _start(self, scope: Scope, store: Store, server_nursery: trio.Nursery) -> RunRegistry:
+    async def _start(
+        self, scope: Scope, store: Store, server_nursery: trio.Nursery, redis: Client | None = None
+    ) -> RunRegistry:
         """Start the server's own tasks in ``server_nursery``; publish the services."""
         settings = self.settings
         guard_hypercorn_loggers()
@@ -153,19 +163,27 @@ class NaviApp:
         server_nursery.start_soon(pacer.serve)
         metrics = Metrics(settings.agent, tracing_from_env())
         agent = make_agent(settings, pacer=pacer, metrics=metrics)
-        registry = RunRegistry(
-            server_nursery,
-            store,
-            agent,
-            broker=InProcessBroker(),
-            save_timeout_s=settings.save_timeout_s,
-            max_queued_runs=settings.max_queued_runs,
-            max_run_events=settings.max_run_events,
-            metrics=metrics,
-        )
-        recovered = await store.recover_interrupted()
-        if recovered:
-            log.warning("store.recovered_interrupted_answers", count=recovered)
+        registry: RunRegistry
+        if redis is None:
+            registry = RunRegistry(
+                server_nursery,
+                store,
+                agent,
+                broker=InProcessBroker(),
+                save_timeout_s=settings.save_timeout_s,
+                max_queued_runs=settings.max_queued_runs,
+                max_run_events=settings.max_run_events,
+                metrics=metrics,
+            )
+            recovered = await store.recover_interrupted()
+            if recovered:
+                log.warning("store.recovered_interrupted_answers", count=recovered)
+        else:
+            # In a cluster another process's running answers are not interrupted: a dead
+            # owner's runs are ended by the sweep once its lease expires.
+            registry = cluster_registry(server_nursery, store, agent, settings, redis, InProcessBroker(), metrics)
+            self._cluster = registry
+            await server_nursery.start(registry.node.serve)
         server_nursery.start_soon(registry.serve_checkpoints, settings.checkpoint_s)
         server_nursery.start_soon(registry.serve_revocations, REVOCATION_POLL_S)
         server_nursery.start_soon(metrics.serve_sync, registry)
@@ -197,6 +215,8 @@ class NaviApp:
 
     def health(self) -> str | None:
         """Why the server cannot serve (``/healthz`` answers 503 with it), or None."""
+        if self.failure is None and self._cluster is not None and not self._cluster.node.healthy:
+            return "Redis is unreachable"
         return self.failure
 
     def begin_shutdown(self) -> None:

@@ -378,7 +378,7 @@ class Connection:
                 uploads_root=self._uploads_root,
                 session_owner=self._session_owner,
             )
-            self.registry.submit(request, if_running)
+            await self.registry.admit(request, if_running)
         except RunAlreadyActive:
             await self._answer_error(ALREADY_RUNNING)
         except (BadClientMessage, BadUpload, QueueFull, ShuttingDown) as exc:

@@ -231,7 +231,7 @@ class HttpApi:
     async def delete_session(self, session: SessionRecord) -> tuple[int, Any]:
         sid = session.id
         self.registry.forget_session(sid)
-        run = self.registry.stop(sid, "deleted")
+        run = await self.registry.stop_anywhere(sid, "deleted")
         if run is not None:
             await run.done.wait()
         await self.store.delete_session(sid)

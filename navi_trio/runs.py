@@ -182,6 +182,17 @@ class RunRegistry:
             self.broker.request_stop(sid, "user")
         return None
 
+    async def admit(self, request: RunRequest, if_running: str = "reject") -> Run | None:
+        """What a connection calls: :meth:`submit` here (no checkpoint, so one process's
+        check-and-register stays one step); a cluster's registry decides it through Redis.
+        Raises what :meth:`submit` raises."""
+        return self.submit(request, if_running)
+
+    async def stop_anywhere(self, session_id: str, reason: str) -> Run | None:
+        """A DELETE's stop: :meth:`stop` here; a cluster's registry reaches the run
+        wherever it plays. Await the returned run's ``done``."""
+        return self.stop(session_id, reason)
+
     def _new_run(self, request: RunRequest) -> Run:
         return Run(request, max_events=self._max_run_events)
 

@@ -37,6 +37,11 @@ class Settings:
     #: ``postgresql://user:password@host:port/dbname``: keep everything in PostgreSQL instead
     #: of SQLite. Never logged or shown (it may carry the password).
     database_url: str = attrs.field(default="", repr=False)
+    #: ``redis://...``: this process is one of several serving as one server (a cluster).
+    #: Never logged or shown (it may carry a password).
+    redis_url: str = attrs.field(default="", repr=False)
+    #: How long a run's owner may go silent before the others end its runs (a cluster).
+    lease_s: float = 10.0
     heartbeat_s: float = 20.0
     grace_s: float = 10.0
     #: Bound on the shielded cleanup of a run (terminal event + saving its answer).
@@ -118,6 +123,10 @@ class Settings:
                 raise ValueError("NAVI_DATABASE_URL must be a postgresql:// URL")
             if self.store == "memory":
                 raise ValueError("NAVI_DATABASE_URL and --store memory contradict each other: choose one")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("NAVI_REDIS_URL must be a redis://, rediss:// or unix:// URL")
+        if self.lease_s <= 0:
+            raise ValueError("lease_s must be positive")
         if ":" in self.agent:  # a user's agent, module:factory: fail at startup if it cannot load
             from .agents import load_factory
 

@@ -60,7 +60,7 @@ class RemoteRun(FanOut):
     """A run played by another process, as this one sees it: its id, its session, and
     its log as read from its stream so far. Subscribers are fed as the stream is read."""
 
-    __slots__ = ("done", "first", "id", "log", "session_id", "subscribers", "wire")
+    __slots__ = ("done", "first", "id", "log", "on_cancel", "session_id", "subscribers", "wire")
 
     def __init__(self, run_id: str, session_id: str) -> None:
         self.id = run_id
@@ -72,6 +72,13 @@ class RemoteRun(FanOut):
         self.done = trio.Event()
         #: Set once its first event has been read.
         self.first = trio.Event()
+        #: How a stop asked here reaches the process that plays it.
+        self.on_cancel: Callable[[RemoteRun, str], None] | None = None
+
+    def cancel(self, reason: str) -> None:
+        """Ask the run to stop (wherever it plays); ``done`` says when it has."""
+        if self.on_cancel is not None and not self.over:
+            self.on_cancel(self, reason)
 
     @property
     def mirror(self) -> MirrorLog:
@@ -274,7 +281,7 @@ class ClusterNode:
                 run.cancel("shutdown")
                 return
 
-    async def finish(self, run: Run) -> tuple[Queued, str] | None:
+    async def finish(self, run: Run, *, hand_on: bool = True) -> tuple[Queued, str] | None:
         """After the run's answer is saved: once its terminal event is in its stream, mark
         it settled, and hand the session on in one step: to a new run id for the next
         queued message (returned with it: play it here under that id), or to nobody
@@ -290,6 +297,9 @@ class ClusterNode:
         try:
             await owned.stream.settle()
             await self._client.hdel(self._runs_key, [run.id])
+            if not hand_on:  # shutting down: the queue is the caller's to save
+                await self.leases.release(run.session_id, run.id)
+                return None
             passed = await self.queues.pass_on(run.session_id, run.id, successor_id)
         except REDIS_DOWN as exc:
             self._lost(exc)

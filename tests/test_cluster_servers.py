@@ -1,0 +1,142 @@
+"""Two navi-trio servers as one (CONTRACT section 9): real hypercorn servers on loopback
+sharing one real redis-server (the test's own) and one database file.
+
+Both servers run in this test's process (each with its own Redis connection, registry and
+nursery, as two processes would have); ``tests/test_cluster_processes.py`` runs separate
+``navi-trio serve`` processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from .helpers import Client, Server, assert_grammar, open_server, script, text_of
+from .redis_server import RedisServer, running_redis
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    with running_redis() as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def two_servers(
+    redis: RedisServer, data_dir: Path, lease_s: float = 10.0
+) -> AsyncIterator[tuple[Server, Server]]:
+    common = {"store": "sqlite", "data_dir": data_dir, "redis_url": redis.url, "lease_s": lease_s, "grace_s": 1.0}
+    async with open_server(**common) as a, open_server(**common) as b:
+        yield a, b
+
+
+async def test_a_run_is_followed_live_from_the_other_server(own_redis: RedisServer, tmp_path: Path) -> None:
+    async with two_servers(own_redis, tmp_path) as (a, b):
+        sid = await a.new_session()
+        async with b.connect(sid) as follower, a.connect(sid) as sender:
+            assert (await follower.recv())["type"] == "session_sync"
+            assert (await sender.recv())["type"] == "session_sync"
+            with trio.fail_after(10):
+                await sender.send_message(script({"text": "ab", "repeat": 20, "delay": 0.01}))
+                sent = await sender.until_terminal()
+                seen = await follower.until_terminal()
+        assert_grammar(seen)
+        assert text_of(seen) == text_of(sent) == "ab" * 20
+        assert seen[0]["run_id"] == sent[0]["run_id"]
+
+
+async def test_attach_and_resume_by_seq_on_the_other_server(own_redis: RedisServer, tmp_path: Path) -> None:
+    async with two_servers(own_redis, tmp_path) as (a, b):
+        sid = await a.new_session()
+        async with a.connect(sid) as sender:
+            await sender.recv()
+            await sender.send_message(script({"text": "x", "repeat": 100, "delay": 0.02}))
+            with trio.fail_after(10):
+                first = await sender.until("stream_delta")
+            run_id = first[0]["run_id"]
+            async with b.connect(sid) as attached:
+                with trio.fail_after(10):
+                    got = await attached.until("replay_end")
+                    for _ in range(5):
+                        got.append(await attached.recv())
+            types = [e["type"] for e in got]
+            assert types[:2] == ["stream_start", "replay_start"]
+            assert got[0]["run_id"] == run_id
+            seen = max(e["seq"] for e in got if "seq" in e)
+            async with b.connect(sid, f"run_id={run_id}&after={seen}") as resumed:
+                with trio.fail_after(10):
+                    again = await resumed.until_terminal()
+            assert [e["type"] for e in again[:2]] == ["stream_start", "replay_start"]
+            seqs = [e["seq"] for e in again if "seq" in e]
+            assert seqs[0] == 1 and seqs[1] > seen, seqs[:3]  # stream_start, then what came after `seen`
+            assert_grammar([e for e in got + again[1:] if e["type"] not in ("replay_start", "replay_end")])
+            assert text_of(got) + text_of(again) == "x" * 100
+
+
+@contextlib.asynccontextmanager
+async def long_run(server: Server) -> AsyncIterator[tuple[str, Client]]:
+    """A new session on ``server`` with a long run streaming (its first delta is out),
+    and the client that sent it."""
+    sid = await server.new_session()
+    async with server.connect(sid) as sender:
+        await sender.recv()
+        await sender.send_message(script({"text": "y", "repeat": 1000, "delay": 0.02}))
+        with trio.fail_after(10):
+            await sender.until("stream_delta")
+        yield sid, sender
+
+
+async def test_a_stop_asked_on_the_other_server_answers_once_the_answer_is_saved(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    async with two_servers(own_redis, tmp_path) as (a, b), long_run(a) as (sid, sender):
+        with trio.fail_after(10):
+            r = await b.http.post(f"/sessions/{sid}/stop")
+        assert r.status_code == 200 and r.json()["ok"] is True
+        # Answered only now: the run's answer is in the history, stopped, on either server.
+        for srv in (a, b):
+            history = (await srv.http.get(f"/sessions/{sid}/messages")).json()
+            answer = history[-1] if isinstance(history, list) else history["messages"][-1]
+            assert answer["status"] == "stopped", answer
+        with trio.fail_after(10):
+            seen = await sender.until_terminal()
+        assert seen[-1]["type"] == "stream_stopped" and seen[-1]["reason"] == "user"
+        r = await b.http.post(f"/sessions/{sid}/stop")
+        assert r.json()["ok"] is False  # nothing runs any more, cluster-wide
+
+
+async def test_a_delete_on_the_other_server_stops_the_run_and_closes_its_followers(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    async with two_servers(own_redis, tmp_path) as (a, b), long_run(a) as (sid, sender):
+        with trio.fail_after(10):
+            r = await b.http.delete(f"/sessions/{sid}")
+            assert r.status_code == 204
+            seen = await sender.until_terminal()
+            code = await sender.until_closed()
+        assert seen[-1]["type"] == "stream_stopped" and seen[-1]["reason"] == "deleted"
+        assert code == 4004
+
+
+async def test_two_messages_racing_on_two_servers_make_exactly_one_run(own_redis: RedisServer, tmp_path: Path) -> None:
+    async with two_servers(own_redis, tmp_path) as (a, b):
+        for _ in range(5):
+            sid = await a.new_session()
+            async with a.connect(sid) as ca, b.connect(sid) as cb:
+                await ca.recv()
+                await cb.recv()
+                content = script({"text": "r", "repeat": 5, "delay": 0.01})
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ca.send_message, content)
+                    nursery.start_soon(cb.send_message, content)
+                with trio.fail_after(10):
+                    got_a = await ca.until_terminal()
+                    got_b = await cb.until_terminal()
+                starts = {e["run_id"] for e in got_a + got_b if e["type"] == "stream_start"}
+                errors = [e for e in ca.received + cb.received if e["type"] == "error" and "seq" not in e]
+                assert len(starts) == 1, starts
+                assert len(errors) == 1 and "already" in errors[0]["message"].lower(), errors
