@@ -1,0 +1,116 @@
+"""Separate ``navi-trio serve`` processes as one server (CONTRACT section 9): they share
+one real redis-server (the test's own) and one data directory on loopback; one of them
+is killed (SIGKILL) or shut down (SIGTERM) while a run of it streams."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from .helpers import assert_grammar, script, text_of
+from .redis_server import RedisServer, free_port, running_redis
+from .test_cli import NAVI, ServerProcess, clean_env, spawn, ws_connect
+
+LEASE_S = 1.0
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    with running_redis() as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def navi(redis: RedisServer, data_dir: Path) -> AsyncIterator[ServerProcess]:
+    env = clean_env(NAVI_REDIS_URL=redis.url, NAVI_LEASE_S=str(LEASE_S), NAVI_GRACE_S="0.5")
+    cmd = [NAVI, "serve", "--port", "0", "--data-dir", str(data_dir), "--agent", "scripted"]
+    async with spawn(cmd, env, data_dir.parent) as srv:
+        await srv.wait_listening()
+        yield srv
+
+
+async def new_session(srv: ServerProcess) -> str:
+    async with httpx.AsyncClient(base_url=srv.url, trust_env=False) as http:
+        r = await http.post("/sessions", json={})
+        assert r.status_code == 201, r.text
+        sid: str = r.json()["id"]
+        return sid
+
+
+async def history(srv: ServerProcess, sid: str) -> list[dict[str, object]]:
+    async with httpx.AsyncClient(base_url=srv.url, trust_env=False) as http:
+        r = await http.get(f"/sessions/{sid}/messages")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        messages: list[dict[str, object]] = body if isinstance(body, list) else body["messages"]
+        return messages
+
+
+async def test_a_killed_owners_run_ends_on_the_others_within_the_lease(own_redis: RedisServer, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    async with navi(own_redis, data) as a, navi(own_redis, data) as b:
+        sid = await new_session(a)
+        async with ws_connect(*b.host_port, f"/ws/sessions/{sid}") as follower:
+            assert (await follower.recv())["type"] == "session_sync"
+            async with ws_connect(*a.host_port, f"/ws/sessions/{sid}") as sender:
+                await sender.recv()
+                await sender.send_message(script({"text": "k", "repeat": 10_000, "delay": 0.01}))
+                with trio.fail_after(10):
+                    got = await follower.until("stream_delta")
+                    while len(got) < 150:  # over a second of text: a checkpoint has saved some
+                        got.append(await follower.recv())
+                a.signal(signal.SIGKILL)
+                start = trio.current_time()
+                with trio.fail_after(LEASE_S * 10):
+                    got += await follower.until_terminal()
+            ended_after = trio.current_time() - start
+        assert got[-1]["type"] == "stream_stopped" and got[-1]["reason"] == "shutdown", got[-1]
+        assert ended_after < LEASE_S * 3, ended_after
+        assert_grammar(got)
+        answer = (await history(b, sid))[-1]
+        assert answer["status"] == "interrupted", answer
+        assert answer["content"] and text_of(got).startswith(str(answer["content"]))
+
+
+async def test_a_process_shut_down_drains_its_runs_and_the_others_serve_on(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    async with navi(own_redis, data) as a, navi(own_redis, data) as b:
+        sid = await new_session(a)
+        async with ws_connect(*b.host_port, f"/ws/sessions/{sid}") as follower:
+            await follower.recv()
+            async with ws_connect(*a.host_port, f"/ws/sessions/{sid}") as sender:
+                await sender.recv()
+                await sender.send_message(script({"text": "t", "repeat": 10_000, "delay": 0.01}))
+                with trio.fail_after(10):
+                    await follower.until("stream_delta")
+                a.signal(signal.SIGTERM)
+                with trio.fail_after(15):
+                    ended = await follower.until_terminal()
+                    assert await a.wait_exit(15) == 0, a.output
+            assert ended[-1]["type"] == "stream_stopped" and ended[-1]["reason"] == "shutdown"
+            # The other process serves on: the same session, a new run, to its end.
+            await follower.send_message(script({"text": "ok ", "repeat": 3}))
+            with trio.fail_after(10):
+                after = await follower.until_terminal()
+            assert after[-1]["type"] == "stream_end" and text_of(after) == "ok " * 3
+        assert (await history(b, sid))[1]["status"] == "interrupted"
+
+
+async def test_an_unreachable_redis_at_startup_is_a_one_line_startup_failure(tmp_path: Path) -> None:
+    env = clean_env(NAVI_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    cmd = [NAVI, "serve", "--port", "0", "--data-dir", str(tmp_path / "data")]
+    async with spawn(cmd, env, tmp_path) as srv:
+        assert await srv.wait_exit(STARTUP_S) == 1, srv.output
+    assert "Redis is unreachable" in srv.output, srv.output
+    assert "listening on" not in srv.output
+
+
+STARTUP_S = 30
