@@ -177,3 +177,25 @@ async def test_healthz_answers_503_while_redis_is_down_and_200_once_it_is_back(
                 seen = await follower.until_terminal()
         assert text_of(seen) == "backback"
     gc.collect()  # coredis's streams of the failed reconnects warn now, under this module's filter
+
+
+async def test_enqueue_and_interrupt_asked_on_the_other_server(own_redis: RedisServer, tmp_path: Path) -> None:
+    async with two_servers(own_redis, tmp_path) as (a, b), long_run(a) as (sid, sender):
+        async with b.connect(sid) as other:
+            with trio.fail_after(10):
+                first = await other.until("replay_end")  # attached to the run that plays on a
+                await other.send_message(script({"text": "queued ", "repeat": 2}), if_running="enqueue")
+                await other.send_message(script({"text": "now ", "repeat": 2}), if_running="interrupt")
+                # The interrupt goes before the queued message and stops the first run.
+                stopped = await other.until_terminal()
+                assert stopped[-1]["type"] == "stream_stopped" and stopped[-1]["reason"] == "user"
+                second = await other.until_terminal()
+                third = await other.until_terminal()
+        assert first[0]["type"] == "stream_start"
+        assert text_of(second) == "now " * 2 and second[-1]["type"] == "stream_end"
+        assert text_of(third) == "queued " * 2 and third[-1]["type"] == "stream_end"
+        runs = {e["run_id"] for e in second + third if e["type"] == "stream_start"}
+        assert len(runs) == 2
+        with trio.fail_after(10):
+            seen_on_a = [await sender.until_terminal() for _ in range(3)]
+        assert [text_of(r) for r in seen_on_a[1:]] == ["now " * 2, "queued " * 2]
