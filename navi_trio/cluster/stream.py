@@ -1,7 +1,7 @@
 """A run's log as a Redis Stream, and the readers that follow it from any process.
 
-Entry ``0-<seq>`` holds event ``seq`` (fields ``w``: its wire text, ``t``: its type,
-``d``: its delta, for the delta types), so a reader's cursor *is* the seq: resume after
+Entry ``0-<seq>`` holds event ``seq`` (fields ``t``: its type, ``w``: its wire text; a
+reader takes a delta's text from the wire text), so a reader's cursor *is* the seq: resume after
 seq N is ``XREAD`` from ``0-N``. Entry ``1-0`` (greater than every ``0-<seq>``) says the
 run is settled: its answer is saved. The stream is bounded (``MAXLEN ~``, just over
 ``NAVI_MAX_RUN_EVENTS``, so a run's own bound is what limits it) and gets a TTL once the
@@ -27,7 +27,7 @@ import orjson
 from coredis.response.types import StreamEntry
 
 from ..errors import NaviError
-from ..events import MERGE_MAX_CHARS, TERMINAL_TYPES, Event, RunLog, next_frame
+from ..events import DELTA_TYPES, MERGE_MAX_CHARS, TERMINAL_TYPES, Event, RunLog, next_frame
 from .redis import Client, Keys
 
 #: How long an ended run's log stays readable (a client resuming after a reconnect).
@@ -37,7 +37,7 @@ SETTLED_ID: Final = "1-0"
 #: Room over NAVI_MAX_RUN_EVENTS for what closes a run past its bound.
 _SLACK: Final = 64
 
-# KEYS[1] the stream. ARGV: expected top seq, maxlen, then (seq, type, wire, delta) each.
+# KEYS[1] the stream. ARGV: expected top seq, maxlen, first seq, then (type, wire) each.
 # Returns 1 (appended), 0 (a terminal event is in already), -1 (the top is not the
 # expected seq: someone else appended).
 _APPEND: Final = """
@@ -56,13 +56,10 @@ if #top > 0 then
   top_seq = tonumber(string.sub(id, 3))
 end
 if top_seq ~= tonumber(ARGV[1]) then return -1 end
-for i = 3, #ARGV, 4 do
-  if ARGV[i + 3] == '' then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '0-' .. ARGV[i], 't', ARGV[i + 1], 'w', ARGV[i + 2])
-  else
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '0-' .. ARGV[i], 't', ARGV[i + 1], 'w', ARGV[i + 2],
-      'd', ARGV[i + 3])
-  end
+local seq = tonumber(ARGV[3])
+for i = 4, #ARGV, 2 do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '0-' .. seq, 't', ARGV[i], 'w', ARGV[i + 1])
+  seq = seq + 1
 end
 return 1
 """
@@ -81,7 +78,9 @@ def to_event(entry: StreamEntry) -> Event:
     """The event an entry ``0-<seq>`` holds (the client decodes replies to ``str``)."""
     fields = cast("Mapping[str, str]", entry.field_values)
     seq = int(cast(str, entry.identifier).partition("-")[2])
-    return Event(seq, fields["t"], fields["w"], fields.get("d"))
+    type_, wire = fields["t"], fields["w"]
+    delta = orjson.loads(wire)["delta"] if type_ in DELTA_TYPES else None
+    return Event(seq, type_, wire, delta)
 
 
 class RunStream:
@@ -107,9 +106,9 @@ class RunStream:
         """
         if not events:
             return
-        args: list[str | int] = [self.top, self._maxlen]
+        args: list[str | int] = [self.top, self._maxlen, events[0].seq]
         for ev in events:
-            args += [ev.seq, ev.type, ev.wire, ev.delta if ev.delta is not None else ""]
+            args += (ev.type, ev.wire)
         done: int = await self._append(keys=[self.key], args=args)
         if done != 1:
             raise RunTakenOver(self.key)
