@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
+from navi_trio.store.base import utc_now
+
 from .helpers import Client, Server, assert_grammar, open_server, script, text_of
 from .redis_server import RedisServer, running_redis
+from .test_auth import add_user
 
 # coredis leaves the anyio memory streams of a connection attempt that failed unclosed
 # (collected later with a ResourceWarning): its own leak, not ours, and only on failures.
@@ -199,3 +203,20 @@ async def test_enqueue_and_interrupt_asked_on_the_other_server(own_redis: RedisS
         with trio.fail_after(10):
             seen_on_a = [await sender.until_terminal() for _ in range(3)]
         assert [text_of(r) for r in seen_on_a[1:]] == ["now " * 2, "queued " * 2]
+
+
+async def test_a_revocation_closes_the_users_connections_on_every_server(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    common = {"store": "sqlite", "data_dir": tmp_path, "redis_url": own_redis.url, "auth": "required"}
+    async with open_server(**common) as a, open_server(**common) as b:
+        store = a.registry.store
+        alice, token = await add_user(store, "alice")
+        sid = (await store.create_session(uuid.uuid4().hex, "alice's", alice.id)).id
+        async with b.connect(sid, f"token={token}") as on_b, a.connect(sid, f"token={token}") as on_a:
+            assert (await on_b.recv())["type"] == "session_sync"
+            assert (await on_a.recv())["type"] == "session_sync"
+            assert await store.revoke_user("alice", utc_now()) is not None  # written through a
+            with trio.fail_after(10):
+                assert await on_b.until_closed() == 4003
+                assert await on_a.until_closed() == 4003
