@@ -220,3 +220,20 @@ async def test_a_revocation_closes_the_users_connections_on_every_server(
             with trio.fail_after(10):
                 assert await on_b.until_closed() == 4003
                 assert await on_a.until_closed() == 4003
+
+
+async def test_a_server_checkpoints_its_own_runs_while_it_mirrors_anothers(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    async with (
+        two_servers(own_redis, tmp_path) as (a, b),
+        long_run(a) as (sid_a, _),
+        b.connect(sid_a) as mirror_on_b,
+        long_run(b) as (sid_b, _),
+    ):
+        with trio.fail_after(10):
+            await mirror_on_b.until("replay_end")
+            [own] = [r for r in b.registry.runs if r.session_id == sid_b]
+            while not own.checkpointed:  # noqa: ASYNC110  # bounded: the checkpoint runs every 0.5 s
+                await trio.sleep(0.05)
+        assert (await b.http.get("/healthz")).status_code == 200

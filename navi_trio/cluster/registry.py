@@ -270,10 +270,16 @@ class ClusterRegistry(RunRegistry):
         notice = Notice("close", session_id, owner=self.node.owner, reason=reason, code=code)
         self._server_nursery.start_soon(self._publish, notice)
 
-    # -- shutdown ----------------------------------------------------------------------
+    # -- this process's own runs ------------------------------------------------------
     @property
     def runs(self) -> list[Run]:
         return list(self.own_runs)
+
+    async def serve_checkpoints(self, interval_s: float) -> None:
+        """Checkpoints of this process's own runs (the local table also holds mirrors of
+        runs other processes play and checkpoint)."""
+        own = self.own_runs
+        await self.persistence.serve_checkpoints(interval_s, lambda: own)
 
     async def wait_idle(self) -> None:
         await self._own_idle.wait()
