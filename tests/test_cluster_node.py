@@ -169,3 +169,31 @@ async def test_a_dead_owners_run_is_ended_by_another_process_within_the_lease(
         [(session_id, answer_id, log)] = b_rec.orphans
         assert (session_id, answer_id, log.content) == ("s", run.answer_id, "half an answer")
         assert await b.claim("s", "next-run")  # the session is free again
+
+
+async def test_a_run_whose_owner_died_after_its_terminal_event_is_settled_by_another(
+    redis_server: RedisServer, redis_keys: Keys
+) -> None:
+    lease_s = 0.3
+    async with node(redis_server, redis_keys, "B", lease_s) as (b, b_rec):
+        run = Run(request("s"))
+        async with node(redis_server, redis_keys, "A", lease_s) as (a, _):
+            assert await a.claim("s", run.id)
+            await a.own(run)
+            async with trio.open_nursery() as nursery:
+                remote: RemoteRun = await nursery.start(b.watch, "s", run.id)
+                run.start()
+                run.play()
+                run.emit_text("all of it")
+                run.end(How.COMPLETED)  # the terminal event goes out, then A dies before settling
+                with trio.fail_after(5):
+                    while remote.mirror.terminal is None:  # noqa: ASYNC110  # read from Redis
+                        await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            remote = await nursery.start(b.watch, "s", run.id)
+            with trio.fail_after(lease_s * 10):
+                await remote.done.wait()  # settled by B's sweep: a stop waiting on it returns
+        assert remote.mirror.terminal is not None and remote.mirror.terminal.type == "stream_end"
+        [(_, answer_id, log)] = b_rec.orphans  # its answer, never saved by its owner: saved from the log
+        assert (answer_id, log.content) == (run.answer_id, "all of it")

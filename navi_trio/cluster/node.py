@@ -24,10 +24,12 @@ no local :class:`~navi_trio.lifecycle.Run`, so this node speaks of runs by id:
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
+import coredis.exceptions
 import structlog
 import trio
 
@@ -37,7 +39,7 @@ from .bus import Bus, Notice
 from .lease import Holder, Leases
 from .queues import Queues
 from .redis import CONNECTION_ERRORS, Client, Keys, RedisUnavailable
-from .stream import MirrorLog, RunStream, RunTakenOver, StreamReader, end_orphan
+from .stream import MirrorLog, RunStream, RunTakenOver, StreamReader, end_orphan, ended_unsettled
 
 if TYPE_CHECKING:
     from ..admission import Queued
@@ -364,6 +366,15 @@ class ClusterNode:
                 continue  # ours and still finishing: finish() settles it
             closed = await end_orphan(self._client, self.keys, run_id, max_events=self._max_events)
             if closed is None:
+                # Ended already: if its owner died between its terminal event and settling
+                # it, save what it wrote (interrupted: the owner never saved it) and settle it.
+                unsettled = await ended_unsettled(self._client, self.keys, run_id)
+                if unsettled is not None:
+                    with trio.move_on_after(ORPHAN_SAVE_S, shield=True):
+                        await self._on_orphan(session_id, answer_id, unsettled)
+                with contextlib.suppress(coredis.exceptions.ResponseError):  # settled meanwhile
+                    await RunStream(self._client, self.keys, run_id, self._max_events).settle()
+                await self._client.hdel(self._runs_key, [run_id])
                 continue
             log.info("cluster.orphan_ended", run_id=run_id, session_id=session_id)
             with trio.move_on_after(ORPHAN_SAVE_S, shield=True):

@@ -226,6 +226,17 @@ def rebuild(events: Sequence[Event], run_id: str) -> RunLog:
     return log
 
 
+async def ended_unsettled(client: Client, keys: Keys, run_id: str) -> RunLog | None:
+    """The log of a run that ended (its terminal event is in its stream) but was never
+    settled (its owner died before saving its answer), rebuilt up to that event; None if
+    it is settled, has no terminal event, or no log."""
+    entries = await client.xrange(keys.log(run_id), "-", "+")
+    events = [to_event(e) for e in entries if e.identifier != SETTLED_ID]
+    if not events or len(events) != len(entries) or events[-1].type not in TERMINAL_TYPES:
+        return None
+    return rebuild(events[:-1], run_id)
+
+
 async def end_orphan(
     client: Client, keys: Keys, run_id: str, *, max_events: int, reason: str = "shutdown"
 ) -> RunLog | None:
