@@ -136,64 +136,60 @@ async def test_a_stop_from_another_process_answers_once_the_run_is_settled(
         assert await b.stop("s", "user") is None  # nothing runs now
 
 
+LEASE_S = 0.3
+
+
+async def dies_playing(server: RedisServer, keys: Keys, run: Run, *, ended: bool) -> None:
+    """Node A plays ``run`` (some text; its terminal event too if ``ended``) and dies once
+    node-side readers have all of it: its tasks end, its lease is no longer renewed."""
+    async with node(server, keys, "A", LEASE_S) as (a, _), node(server, keys, "W") as (w, _):
+        assert await a.claim("s", run.id)
+        await a.own(run)
+        async with trio.open_nursery() as nursery:
+            remote: RemoteRun = await nursery.start(w.watch, "s", run.id)
+            run.start()
+            run.play()
+            run.emit_text("some text")
+            if ended:
+                run.end(How.COMPLETED)
+            with trio.fail_after(5):
+                while remote.mirror.last_seq < run.log.last_seq:  # noqa: ASYNC110  # read from Redis
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+
+async def settled_by(b: ClusterNode, run: Run) -> RemoteRun:
+    """The run as ``b`` reads it, once settled (by ``b``'s sweep) within the lease."""
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        remote: RemoteRun = await nursery.start(b.watch, "s", run.id)
+        with trio.fail_after(LEASE_S * 10):
+            await remote.done.wait()
+    assert trio.current_time() - start < LEASE_S * 3
+    return remote
+
+
 async def test_a_dead_owners_run_is_ended_by_another_process_within_the_lease(
     redis_server: RedisServer, redis_keys: Keys
 ) -> None:
-    lease_s = 0.3
-    async with node(redis_server, redis_keys, "B", lease_s) as (b, b_rec):
+    async with node(redis_server, redis_keys, "B", LEASE_S) as (b, b_rec):
         run = Run(request("s"))
-        async with node(redis_server, redis_keys, "A", lease_s) as (a, _):
-            assert await a.claim("s", run.id)
-            await a.own(run)
-            async with trio.open_nursery() as nursery:
-                remote: RemoteRun = await nursery.start(b.watch, "s", run.id)
-                follower = RecordingOutbox()
-                remote.subscribe(follower)
-                run.start()
-                run.play()
-                run.emit_text("half an answer")
-                with trio.fail_after(5):
-                    await remote.first.wait()  # both were published before A's writer ran: one batch
-                assert remote.mirror.last_seq == 2
-                nursery.cancel_scope.cancel()
-        # A is gone (its tasks ended, its lease no longer renewed): B notices and ends the run.
-        start = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            remote = await nursery.start(b.watch, "s", run.id)
-            with trio.fail_after(lease_s * 10):
-                await remote.done.wait()
-        assert trio.current_time() - start < lease_s * 3
-        terminal = remote.mirror.terminal
+        await dies_playing(redis_server, redis_keys, run, ended=False)
+        terminal = (await settled_by(b, run)).mirror.terminal
         assert terminal is not None and terminal.type == "stream_stopped"
         assert '"reason":"shutdown"' in terminal.wire
         [(session_id, answer_id, log)] = b_rec.orphans
-        assert (session_id, answer_id, log.content) == ("s", run.answer_id, "half an answer")
+        assert (session_id, answer_id, log.content) == ("s", run.answer_id, "some text")
         assert await b.claim("s", "next-run")  # the session is free again
 
 
 async def test_a_run_whose_owner_died_after_its_terminal_event_is_settled_by_another(
     redis_server: RedisServer, redis_keys: Keys
 ) -> None:
-    lease_s = 0.3
-    async with node(redis_server, redis_keys, "B", lease_s) as (b, b_rec):
+    async with node(redis_server, redis_keys, "B", LEASE_S) as (b, b_rec):
         run = Run(request("s"))
-        async with node(redis_server, redis_keys, "A", lease_s) as (a, _):
-            assert await a.claim("s", run.id)
-            await a.own(run)
-            async with trio.open_nursery() as nursery:
-                remote: RemoteRun = await nursery.start(b.watch, "s", run.id)
-                run.start()
-                run.play()
-                run.emit_text("all of it")
-                run.end(How.COMPLETED)  # the terminal event goes out, then A dies before settling
-                with trio.fail_after(5):
-                    while remote.mirror.terminal is None:  # noqa: ASYNC110  # read from Redis
-                        await trio.sleep(0.01)
-                nursery.cancel_scope.cancel()
-        async with trio.open_nursery() as nursery:
-            remote = await nursery.start(b.watch, "s", run.id)
-            with trio.fail_after(lease_s * 10):
-                await remote.done.wait()  # settled by B's sweep: a stop waiting on it returns
-        assert remote.mirror.terminal is not None and remote.mirror.terminal.type == "stream_end"
+        await dies_playing(redis_server, redis_keys, run, ended=True)
+        terminal = (await settled_by(b, run)).mirror.terminal  # a stop waiting on it returns
+        assert terminal is not None and terminal.type == "stream_end"
         [(_, answer_id, log)] = b_rec.orphans  # its answer, never saved by its owner: saved from the log
-        assert (answer_id, log.content) == (run.answer_id, "all of it")
+        assert (answer_id, log.content) == (run.answer_id, "some text")
