@@ -81,7 +81,7 @@ async def local_run(events: int) -> None:
     assert out.count == events + 2
 
 
-async def cluster_run(url: str, prefix: str, events: int) -> None:
+async def cluster_run(url: str, prefix: str, events: int, follow: bool = True) -> None:
     keys = Keys(prefix)
 
     async def nothing(*args: object) -> None:
@@ -101,14 +101,16 @@ async def cluster_run(url: str, prefix: str, events: int) -> None:
         run.subscribe(local)
         assert await a.claim("s", run.id)
         await a.own(run)
-        remote = await nursery.start(b.watch, "s", run.id)
         out = CountingOutbox()
-        remote.subscribe(out)
+        if follow:
+            remote = await nursery.start(b.watch, "s", run.id)
+            remote.subscribe(out)
         await play(run, events)
         await a.finish(run)
         run.settle()
-        await remote.done.wait()
-        assert out.count == events + 2, out.count
+        if follow:
+            await remote.done.wait()
+            assert out.count == events + 2, out.count
         nursery.cancel_scope.cancel()
 
 
@@ -127,19 +129,26 @@ def main() -> None:
     n = args.events
     with running_redis() as server:
         pid = server.pid
-        local, cluster_py, cluster_redis = [], [], []
+        local, cluster_py, cluster_redis, owner_py, owner_redis = [], [], [], [], []
         for rep in range(args.reps):
             py, rd = measure(functools.partial(local_run, n), pid)
             local.append((py + rd) / n)
             py, rd = measure(functools.partial(cluster_run, server.url, f"bench{rep}", n), pid)
             cluster_py.append(py / n)
             cluster_redis.append(rd / n)
+            py, rd = measure(functools.partial(cluster_run, server.url, f"bench-own{rep}", n, False), pid)
+            owner_py.append(py / n)
+            owner_redis.append(rd / n)
         lo = statistics.median(local)
         cp, cr = statistics.median(cluster_py), statistics.median(cluster_redis)
+        op, orr = statistics.median(owner_py), statistics.median(owner_redis)
         print(f"events per run: {n}, reps: {args.reps} (interleaved), medians, us CPU per event:")
         print(f"  in-process fan-out, 1 subscriber:             {lo * 1e6:8.2f}")
         print(
             f"  cluster (owner's mirror + a remote follower): {cp * 1e6:8.2f} navi-trio + {cr * 1e6:.2f} redis-server"
+        )
+        print(
+            f"  cluster, the owner's mirror alone:            {op * 1e6:8.2f} navi-trio + {orr * 1e6:.2f} redis-server"
         )
         print(f"  added by the cluster path:                    {(cp + cr - lo) * 1e6:8.2f}")
 
