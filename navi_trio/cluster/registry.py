@@ -120,10 +120,13 @@ class ClusterRegistry(RunRegistry):
         async with trio.open_nursery() as nursery:
             remote: RemoteRun = await nursery.start(self.node.watch, session_id, run_id)
             remote.on_cancel = self._ask_stop
-            self._take_local(remote)  # type: ignore[arg-type]  # a RemoteRun plays a Run's part here
-            self.broker.announce(remote)  # type: ignore[arg-type]
+            local = self._may_take_local(remote)
+            if local:
+                self._take_local(remote)  # type: ignore[arg-type]  # a RemoteRun plays a Run's part here
+                self.broker.announce(remote)  # type: ignore[arg-type]
             task_status.started(remote)
-        self.broker.release(remote)  # type: ignore[arg-type]
+        if local:
+            self.broker.release(remote)  # type: ignore[arg-type]
 
     def _take_local(self, run: Run) -> None:
         """Make ``run`` the session's run in the local table, dropping a remote run the
@@ -132,6 +135,12 @@ class ClusterRegistry(RunRegistry):
         if held is not None and held is not run:
             self.broker.release(held)
         assert self.broker.claim(run)
+
+    def _may_take_local(self, remote: RemoteRun) -> bool:
+        """Whether a mirror may be the session's run here: not over a live run it would
+        hide (a stop's mirror of a run that has just ended, while its successor plays)."""
+        held = self.broker.active(remote.session_id)
+        return held is None or held.over
 
     def _ask_stop(self, remote: RemoteRun, reason: str) -> None:
         notice = Notice("stop", remote.session_id, remote.id, reason=reason)
@@ -251,6 +260,23 @@ class ClusterRegistry(RunRegistry):
             self._own_idle.set()
 
     # -- stops, deletes, closes --------------------------------------------------------
+    async def stop_current(self, session_id: str) -> Run | None:
+        """A client's stop, wherever the run plays. For a run played elsewhere the stop
+        notice goes out as soon as its holder is known, before this process mirrors the
+        run to wait for its end (settled: its answer saved); the run is returned then.
+
+        Cancellation: as :meth:`RunRegistry.stop_current`; the notice is sent or not."""
+        holder = await self.node.holder(session_id)
+        held = self.broker.active(session_id)
+        if holder is None or holder.owner == self.node.owner or (held is not None and held.id == holder.run_id):
+            return await super().stop_current(session_id)
+        await self.node.bus.publish(Notice("stop", session_id, holder.run_id, reason="user"))
+        remote = await self._server_nursery.start(self._mirror, session_id, holder.run_id)
+        if remote is None:
+            return await super().stop_current(session_id)
+        await remote.done.wait()
+        return remote  # type: ignore[no-any-return]  # a RemoteRun plays a Run's part here
+
     async def stop_anywhere(self, session_id: str, reason: str) -> Run | None:
         """Stop the session's run wherever it plays (a DELETE); return it (await ``done``)."""
         run = await self.current(session_id)
