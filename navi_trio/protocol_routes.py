@@ -390,7 +390,7 @@ class ProtocolRoutes:
         # (no checkpoint between ``current`` and ``submit``).
         await self.registry.current(session.id)
         try:
-            run = self.registry.submit(request, "reject")
+            run = await self.registry.admit(request, "reject")  # cluster-wide with NAVI_REDIS_URL
         except RunAlreadyActive:
             raise HTTPError(409, ALREADY_RUNNING) from None
         except BadClientMessage as exc:  # the agent refuses it (a script over its bounds)

@@ -127,6 +127,10 @@ class Settings:
             raise ValueError("NAVI_REDIS_URL must be a redis://, rediss:// or unix:// URL")
         if self.lease_s <= 0:
             raise ValueError("lease_s must be positive")
+        if self.redis_url and not self.database_url:
+            raise ValueError(
+                "NAVI_REDIS_URL needs a PostgreSQL NAVI_DATABASE_URL: the processes of a cluster share one database"
+            )
         if ":" in self.agent:  # a user's agent, module:factory: fail at startup if it cannot load
             from .agents import load_factory
 

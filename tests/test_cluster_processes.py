@@ -1,5 +1,6 @@
 """Separate ``navi-trio serve`` processes as one server (CONTRACT section 9): they share
-one real redis-server (the test's own) and one data directory on loopback; one of them
+one real redis-server (the test's own), one real PostgreSQL database and one data
+directory on loopback; one of them
 is killed (SIGKILL) or shut down (SIGTERM) while a run of it streams."""
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ def own_redis() -> Iterator[RedisServer]:
 
 
 @contextlib.asynccontextmanager
-async def navi(redis: RedisServer, data_dir: Path) -> AsyncIterator[ServerProcess]:
-    env = clean_env(NAVI_REDIS_URL=redis.url, NAVI_LEASE_S=str(LEASE_S), NAVI_GRACE_S="0.5")
+async def navi(redis: RedisServer, database_url: str, data_dir: Path) -> AsyncIterator[ServerProcess]:
+    env = clean_env(
+        NAVI_REDIS_URL=redis.url, NAVI_DATABASE_URL=database_url, NAVI_LEASE_S=str(LEASE_S), NAVI_GRACE_S="0.5"
+    )
     cmd = [NAVI, "serve", "--port", "0", "--data-dir", str(data_dir), "--agent", "scripted"]
     async with spawn(cmd, env, data_dir.parent) as srv:
         await srv.wait_listening()
@@ -52,9 +55,11 @@ async def history(srv: ServerProcess, sid: str) -> list[dict[str, object]]:
         return messages
 
 
-async def test_a_killed_owners_run_ends_on_the_others_within_the_lease(own_redis: RedisServer, tmp_path: Path) -> None:
+async def test_a_killed_owners_run_ends_on_the_others_within_the_lease(
+    own_redis: RedisServer, database_url: str, tmp_path: Path
+) -> None:
     data = tmp_path / "data"
-    async with navi(own_redis, data) as a, navi(own_redis, data) as b:
+    async with navi(own_redis, database_url, data) as a, navi(own_redis, database_url, data) as b:
         sid = await new_session(a)
         async with ws_connect(*b.host_port, f"/ws/sessions/{sid}") as follower:
             assert (await follower.recv())["type"] == "session_sync"
@@ -79,10 +84,10 @@ async def test_a_killed_owners_run_ends_on_the_others_within_the_lease(own_redis
 
 
 async def test_a_process_shut_down_drains_its_runs_and_the_others_serve_on(
-    own_redis: RedisServer, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
-    async with navi(own_redis, data) as a, navi(own_redis, data) as b:
+    async with navi(own_redis, database_url, data) as a, navi(own_redis, database_url, data) as b:
         sid = await new_session(a)
         async with ws_connect(*b.host_port, f"/ws/sessions/{sid}") as follower:
             await follower.recv()
@@ -104,12 +109,21 @@ async def test_a_process_shut_down_drains_its_runs_and_the_others_serve_on(
         assert (await history(b, sid))[1]["status"] == "interrupted"
 
 
-async def test_an_unreachable_redis_at_startup_is_a_one_line_startup_failure(tmp_path: Path) -> None:
-    env = clean_env(NAVI_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+async def test_an_unreachable_redis_at_startup_is_a_one_line_startup_failure(database_url: str, tmp_path: Path) -> None:
+    env = clean_env(NAVI_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", NAVI_DATABASE_URL=database_url)
     cmd = [NAVI, "serve", "--port", "0", "--data-dir", str(tmp_path / "data")]
     async with spawn(cmd, env, tmp_path) as srv:
         assert await srv.wait_exit(STARTUP_S) == 1, srv.output
     assert "Redis is unreachable" in srv.output, srv.output
+    assert "listening on" not in srv.output
+
+
+async def test_redis_without_a_postgresql_database_is_refused_with_a_line_saying_so(tmp_path: Path) -> None:
+    env = clean_env(NAVI_REDIS_URL="redis://127.0.0.1:6379/0")
+    cmd = [NAVI, "serve", "--port", "0", "--data-dir", str(tmp_path / "data")]
+    async with spawn(cmd, env, tmp_path) as srv:
+        assert await srv.wait_exit(STARTUP_S) != 0, srv.output
+    assert "NAVI_REDIS_URL needs a PostgreSQL NAVI_DATABASE_URL" in srv.output, srv.output
     assert "listening on" not in srv.output
 
 

@@ -1,5 +1,5 @@
 """Two navi-trio servers as one (CONTRACT section 9): real hypercorn servers on loopback
-sharing one real redis-server (the test's own) and one database file.
+sharing one real redis-server (the test's own) and one real PostgreSQL database.
 
 Both servers run in this test's process (each with its own Redis connection, registry and
 nursery, as two processes would have); ``tests/test_cluster_processes.py`` runs separate
@@ -20,6 +20,7 @@ import trio
 from navi_trio.store.base import utc_now
 
 from .helpers import Client, Server, assert_grammar, open_server, script, text_of
+from .pg import server_settings
 from .redis_server import RedisServer, running_redis
 from .test_auth import add_user
 
@@ -38,15 +39,22 @@ def own_redis() -> Iterator[RedisServer]:
 
 @contextlib.asynccontextmanager
 async def two_servers(
-    redis: RedisServer, data_dir: Path, lease_s: float = 10.0
+    redis: RedisServer, database_url: str, data_dir: Path, lease_s: float = 10.0
 ) -> AsyncIterator[tuple[Server, Server]]:
-    common = {"store": "sqlite", "data_dir": data_dir, "redis_url": redis.url, "lease_s": lease_s, "grace_s": 1.0}
+    common = {
+        **server_settings(database_url, data_dir),
+        "redis_url": redis.url,
+        "lease_s": lease_s,
+        "grace_s": 1.0,
+    }
     async with open_server(**common) as a, open_server(**common) as b:
         yield a, b
 
 
-async def test_a_run_is_followed_live_from_the_other_server(own_redis: RedisServer, tmp_path: Path) -> None:
-    async with two_servers(own_redis, tmp_path) as (a, b):
+async def test_a_run_is_followed_live_from_the_other_server(
+    own_redis: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    async with two_servers(own_redis, database_url, tmp_path) as (a, b):
         sid = await a.new_session()
         async with b.connect(sid) as follower, a.connect(sid) as sender:
             assert (await follower.recv())["type"] == "session_sync"
@@ -60,8 +68,10 @@ async def test_a_run_is_followed_live_from_the_other_server(own_redis: RedisServ
         assert seen[0]["run_id"] == sent[0]["run_id"]
 
 
-async def test_attach_and_resume_by_seq_on_the_other_server(own_redis: RedisServer, tmp_path: Path) -> None:
-    async with two_servers(own_redis, tmp_path) as (a, b):
+async def test_attach_and_resume_by_seq_on_the_other_server(
+    own_redis: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    async with two_servers(own_redis, database_url, tmp_path) as (a, b):
         sid = await a.new_session()
         async with a.connect(sid) as sender:
             await sender.recv()
@@ -102,9 +112,9 @@ async def long_run(server: Server) -> AsyncIterator[tuple[str, Client]]:
 
 
 async def test_a_stop_asked_on_the_other_server_answers_once_the_answer_is_saved(
-    own_redis: RedisServer, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path
 ) -> None:
-    async with two_servers(own_redis, tmp_path) as (a, b), long_run(a) as (sid, sender):
+    async with two_servers(own_redis, database_url, tmp_path) as (a, b), long_run(a) as (sid, sender):
         with trio.fail_after(10):
             r = await b.http.post(f"/sessions/{sid}/stop")
         assert r.status_code == 200 and r.json()["ok"] is True
@@ -121,9 +131,9 @@ async def test_a_stop_asked_on_the_other_server_answers_once_the_answer_is_saved
 
 
 async def test_a_delete_on_the_other_server_stops_the_run_and_closes_its_followers(
-    own_redis: RedisServer, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path
 ) -> None:
-    async with two_servers(own_redis, tmp_path) as (a, b), long_run(a) as (sid, sender):
+    async with two_servers(own_redis, database_url, tmp_path) as (a, b), long_run(a) as (sid, sender):
         with trio.fail_after(10):
             r = await b.http.delete(f"/sessions/{sid}")
             assert r.status_code == 204
@@ -133,8 +143,10 @@ async def test_a_delete_on_the_other_server_stops_the_run_and_closes_its_followe
         assert code == 4004
 
 
-async def test_two_messages_racing_on_two_servers_make_exactly_one_run(own_redis: RedisServer, tmp_path: Path) -> None:
-    async with two_servers(own_redis, tmp_path) as (a, b):
+async def test_two_messages_racing_on_two_servers_make_exactly_one_run(
+    own_redis: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    async with two_servers(own_redis, database_url, tmp_path) as (a, b):
         for _ in range(5):
             sid = await a.new_session()
             async with a.connect(sid) as ca, b.connect(sid) as cb:
@@ -154,12 +166,12 @@ async def test_two_messages_racing_on_two_servers_make_exactly_one_run(own_redis
 
 
 async def test_healthz_answers_503_while_redis_is_down_and_200_once_it_is_back(
-    own_redis: RedisServer, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path
 ) -> None:
     async def health(srv: Server) -> int:
         return (await srv.http.get("/healthz")).status_code
 
-    async with two_servers(own_redis, tmp_path) as (a, b):
+    async with two_servers(own_redis, database_url, tmp_path) as (a, b):
         assert await health(a) == 200 and await health(b) == 200
         own_redis.stop()
         with trio.fail_after(10):
@@ -183,8 +195,10 @@ async def test_healthz_answers_503_while_redis_is_down_and_200_once_it_is_back(
     gc.collect()  # coredis's streams of the failed reconnects warn now, under this module's filter
 
 
-async def test_enqueue_and_interrupt_asked_on_the_other_server(own_redis: RedisServer, tmp_path: Path) -> None:
-    async with two_servers(own_redis, tmp_path) as (a, b), long_run(a) as (sid, sender):
+async def test_enqueue_and_interrupt_asked_on_the_other_server(
+    own_redis: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    async with two_servers(own_redis, database_url, tmp_path) as (a, b), long_run(a) as (sid, sender):
         async with b.connect(sid) as other:
             with trio.fail_after(10):
                 first = await other.until("replay_end")  # attached to the run that plays on a
@@ -206,9 +220,9 @@ async def test_enqueue_and_interrupt_asked_on_the_other_server(own_redis: RedisS
 
 
 async def test_a_revocation_closes_the_users_connections_on_every_server(
-    own_redis: RedisServer, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path
 ) -> None:
-    common = {"store": "sqlite", "data_dir": tmp_path, "redis_url": own_redis.url, "auth": "required"}
+    common = {**server_settings(database_url, tmp_path), "redis_url": own_redis.url, "auth": "required"}
     async with open_server(**common) as a, open_server(**common) as b:
         store = a.registry.store
         alice, token = await add_user(store, "alice")
@@ -223,10 +237,10 @@ async def test_a_revocation_closes_the_users_connections_on_every_server(
 
 
 async def test_a_server_checkpoints_its_own_runs_while_it_mirrors_anothers(
-    own_redis: RedisServer, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path
 ) -> None:
     async with (
-        two_servers(own_redis, tmp_path) as (a, b),
+        two_servers(own_redis, database_url, tmp_path) as (a, b),
         long_run(a) as (sid_a, _),
         b.connect(sid_a) as mirror_on_b,
         long_run(b) as (sid_b, _),

@@ -54,7 +54,10 @@ return ''
 
 
 def dump(queued: Queued) -> str:
+    """The message as JSON, without its arrival time: that is a time on this process's
+    Trio clock, which means nothing to the process that pops it (it takes its own)."""
     obj = attrs.asdict(queued, recurse=True)
+    del obj["request"]["received_at"]
     upload_dir = obj["request"]["upload_dir"]
     obj["request"]["upload_dir"] = None if upload_dir is None else str(upload_dir)
     return orjson.dumps(obj).decode()

@@ -41,8 +41,8 @@ from .redis import Client, Keys, connect
 if TYPE_CHECKING:
     from ..agents.base import Agent
     from ..broker import Broker
-    from ..metrics import Metrics
     from ..events import RunLog
+    from ..metrics import Metrics
     from ..settings import Settings
     from ..store.base import Store
 
