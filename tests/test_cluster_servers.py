@@ -251,3 +251,34 @@ async def test_a_server_checkpoints_its_own_runs_while_it_mirrors_anothers(
             while not own.checkpointed:  # noqa: ASYNC110  # bounded: the checkpoint runs every 0.5 s
                 await trio.sleep(0.05)
         assert (await b.http.get("/healthz")).status_code == 200
+
+
+async def test_redis_lost_ends_the_run_with_an_error_naming_it_on_every_server_and_messages_are_refused(
+    own_redis: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    async with (
+        two_servers(own_redis, database_url, tmp_path) as (a, b),
+        long_run(a) as (sid, sender),
+        b.connect(sid) as follower,
+    ):
+        with trio.fail_after(10):
+            await follower.until("replay_end")
+        own_redis.stop()
+        with trio.fail_after(10):
+            on_a = await sender.until_terminal()
+            on_b = await follower.until_terminal()
+        for seen in (on_a, on_b):
+            assert seen[-1]["type"] == "error" and "Redis" in seen[-1]["message"], seen[-1]
+        await follower.send_message(script({"text": "meanwhile"}))
+        with trio.fail_after(10):
+            refused = await follower.until("error")
+        assert "Redis" in refused[-1]["message"] and "seq" not in refused[-1]
+        own_redis.start()
+        with trio.fail_after(10):
+            while (await b.http.get("/healthz")).status_code != 200:  # noqa: ASYNC110  # redis-server's state
+                await trio.sleep(0.02)
+        await follower.send_message(script({"text": "again"}))
+        with trio.fail_after(10):
+            after = await follower.until_terminal()
+        assert after[-1]["type"] == "stream_end" and text_of(after) == "again"
+    gc.collect()  # coredis's streams of the failed reconnects warn now, under this module's filter

@@ -39,7 +39,7 @@ from .bus import Bus, Notice
 from .lease import Holder, Leases
 from .queues import Queues
 from .redis import CONNECTION_ERRORS, Client, Keys, RedisUnavailable
-from .stream import MirrorLog, RunStream, RunTakenOver, StreamReader, end_orphan, ended_unsettled
+from .stream import MirrorLog, RunStream, RunTakenOver, StreamReader, end_orphan, ended_unsettled, rebuild
 
 if TYPE_CHECKING:
     from ..admission import Queued
@@ -56,6 +56,11 @@ ORPHAN_SAVE_S: Final = 10.0
 
 OnNotice = Callable[[Notice], None]
 OnOrphan = Callable[[str, str, RunLog], Awaitable[None]]
+
+
+def redis_lost_message(exc: BaseException) -> str:
+    """The ``error`` a run ends with when Redis is lost (no URL: it may hold a password)."""
+    return f"Redis is unreachable ({exc or type(exc).__name__}): the answer was ended."
 
 
 class RemoteRun(FanOut):
@@ -188,9 +193,13 @@ class ClusterNode:
             task_status.started()
 
     def _lost(self, exc: BaseException) -> None:
+        """Redis stopped answering: unhealthy, and every run played here ends with an
+        ``error`` naming Redis (none of them can reach its followers elsewhere now)."""
         if self.healthy:
             self.healthy = False
             log.error("cluster.redis_lost", error=str(exc) or type(exc).__name__)
+            for owned in list(self._owned.values()):
+                owned.run.fail(redis_lost_message(exc))
 
     def _back(self) -> None:
         if not self.healthy:
@@ -236,15 +245,19 @@ class ClusterNode:
     async def own(self, run: Run) -> None:
         """A run claimed here: record it, mirror its log into its stream, renew its lease,
         and tell every process it started. Call before the run publishes ``stream_start``.
+
+        Raises what a lost Redis raises; the run is recorded and its writer started
+        before that can happen, so the run still plays here and its writer ends it with
+        an ``error`` naming Redis.
         """
         assert self._nursery is not None, "serve() first"
         stream = RunStream(self._client, self.keys, run.id, self._max_events)
         outbox = StreamOutbox()
         owned = _Owned(run, stream, outbox, run.subscribe(outbox))
         self._owned[run.id] = owned
-        await self._client.hset(self._runs_key, {run.id: f"{run.session_id} {run.answer_id}"})
         self._nursery.start_soon(self._write, owned)
         self._nursery.start_soon(self._renew, owned)
+        await self._client.hset(self._runs_key, {run.id: f"{run.session_id} {run.answer_id}"})
         await self.bus.publish(Notice("run_started", run.session_id, run.id, owner=self.owner))
 
     async def _write(self, owned: _Owned) -> None:
@@ -265,7 +278,7 @@ class ClusterNode:
             owned.run.cancel("shutdown")
         except REDIS_DOWN as exc:
             self._lost(exc)
-            owned.run.fail(f"Redis is unreachable ({exc or type(exc).__name__}): the answer was ended.")
+            owned.run.fail(redis_lost_message(exc))
         finally:
             owned.flushed.set()
 
@@ -319,6 +332,9 @@ class ClusterNode:
         resume waits for ``remote.first`` so its replay has the run's ``stream_start``),
         then feed its subscribers until it is settled.
 
+        A lost Redis ends the mirror here with an ``error`` naming Redis (its owner ends
+        the run itself the same way), so its readers get a terminal event at once.
+
         Cancellation: only reads; a cancel ends the mirror (its subscribers get no more).
         """
         remote = RemoteRun(run_id, session_id)
@@ -326,13 +342,29 @@ class ClusterNode:
         reader.log = remote.mirror
         task_status.started(remote)
         while not remote.mirror.settled:
-            new = await reader.read(block_ms=1000)
+            try:
+                new = await reader.read(block_ms=1000)
+            except REDIS_DOWN as exc:
+                self._lost(exc)
+                self._end_lost_mirror(remote, exc)
+                break
             if new:
                 remote.first.set()
                 remote.publish(new)
         remote.first.set()
         remote.sync_subscribers()
         remote.done.set()
+
+    def _end_lost_mirror(self, remote: RemoteRun, exc: BaseException) -> None:
+        """The run's log is gone with Redis: close what it left open and end it with an
+        ``error`` naming Redis, on this mirror only (its owner ends its own run)."""
+        mirror = remote.mirror
+        if mirror.events and not mirror.finished:
+            log_ = rebuild(mirror.events, remote.id)
+            closing = log_.error(redis_lost_message(exc))
+            mirror.extend(closing)
+            remote.publish(closing)
+        mirror.settled = True
 
     async def holder(self, session_id: str) -> Holder | None:
         return await self.leases.holder(session_id)

@@ -30,7 +30,7 @@ import trio
 
 from .. import admission
 from ..admission import Queued
-from ..errors import RunAlreadyActive
+from ..errors import RunAlreadyActive, ShuttingDown
 from ..lifecycle import Run, RunRequest
 from ..runs import RunRegistry
 from ..store.base import Answer
@@ -50,6 +50,8 @@ log = structlog.get_logger("navi_trio.cluster")
 
 #: Looks at the session before admission gives up (another process kept changing it).
 ADMIT_TRIES: Final = 20
+#: What a message is answered while Redis does not answer.
+REDIS_LOST: Final = "Redis is unreachable, so no answer can start now; try again shortly."
 
 
 class ClusterRegistry(RunRegistry):
@@ -174,6 +176,13 @@ class ClusterRegistry(RunRegistry):
         closing = self.closing.is_set()
         if self._check_message is not None and not closing:
             self._check_message(request.original_content)
+        try:
+            return await self._admit(request, if_running)
+        except REDIS_DOWN as exc:
+            log.error("cluster.admit_failed", error=str(exc) or type(exc).__name__)
+            raise ShuttingDown(REDIS_LOST) from None
+
+    async def _admit(self, request: RunRequest, if_running: str) -> Run | None:
         sid = request.session_id
         node = self.node
         for _ in range(ADMIT_TRIES):
@@ -195,7 +204,7 @@ class ClusterRegistry(RunRegistry):
                 if not await node.claim(sid, run.id):
                     continue
                 self._start_own(run)
-                await node.own(run)
+                await self._own(run)
                 self._launch(run)
                 return run
             queued = Queued(request, interrupted=verdict.interrupted)
@@ -204,6 +213,14 @@ class ClusterRegistry(RunRegistry):
                     await node.bus.publish(Notice("stop", sid, holder.run_id, reason="user"))
                 return None
         raise RunAlreadyActive(sid)
+
+    async def _own(self, run: Run) -> None:
+        """:meth:`ClusterNode.own`; with Redis lost meanwhile the run plays on here and
+        its writer ends it with an ``error`` naming Redis."""
+        try:
+            await self.node.own(run)
+        except REDIS_DOWN as exc:
+            log.error("cluster.own_failed", run_id=run.id, error=str(exc) or type(exc).__name__)
 
     def _start_own(self, run: Run) -> None:
         self._take_local(run)
@@ -215,8 +232,12 @@ class ClusterRegistry(RunRegistry):
     async def current(self, session_id: str) -> Run | None:
         """The session's run wherever it plays (mirrored here if it plays elsewhere, its
         first event read, so an attach replays from ``stream_start``); one that is over
-        is waited for until settled, as in one process."""
-        holder = await self.node.holder(session_id)
+        is waited for until settled, as in one process. With Redis lost: this process's
+        own view."""
+        try:
+            holder = await self.node.holder(session_id)
+        except REDIS_DOWN:
+            return await super().current(session_id)
         if holder is not None and holder.owner != self.node.owner:
             remote = await self._server_nursery.start(self._mirror, session_id, holder.run_id)
             if remote is not None:
@@ -238,9 +259,10 @@ class ClusterRegistry(RunRegistry):
         with trio.move_on_after(self.persistence.save_timeout_s, shield=True):
             passed = await self.node.finish(run, hand_on=not closing)
             if closing:  # what waited for it will not start: saved as unstarted, as in one process
-                unstarted = [q.request for q in await self.node.queues.forget(run.session_id)]
-                if unstarted:
-                    await self.persistence.keep_unstarted(unstarted)
+                with contextlib.suppress(*REDIS_DOWN):
+                    unstarted = [q.request for q in await self.node.queues.forget(run.session_id)]
+                    if unstarted:
+                        await self.persistence.keep_unstarted(unstarted)
         successor = None
         if passed is not None:
             queued, successor_id = passed
@@ -251,7 +273,7 @@ class ClusterRegistry(RunRegistry):
         if successor is not None:
             self.own_runs.add(successor)
             with trio.move_on_after(self.persistence.save_timeout_s, shield=True):
-                await self.node.own(successor)
+                await self._own(successor)
             self._launch(successor)
             with contextlib.suppress(*REDIS_DOWN):
                 if admission.interrupts_successor(await self.node.queues.view(run.session_id)):
@@ -266,11 +288,14 @@ class ClusterRegistry(RunRegistry):
         run to wait for its end (settled: its answer saved); the run is returned then.
 
         Cancellation: as :meth:`RunRegistry.stop_current`; the notice is sent or not."""
-        holder = await self.node.holder(session_id)
+        try:
+            holder = await self.node.holder(session_id)
+        except REDIS_DOWN:
+            return await super().stop_current(session_id)  # this process's own view
         held = self.broker.active(session_id)
         if holder is None or holder.owner == self.node.owner or (held is not None and held.id == holder.run_id):
             return await super().stop_current(session_id)
-        await self.node.bus.publish(Notice("stop", session_id, holder.run_id, reason="user"))
+        await self._publish(Notice("stop", session_id, holder.run_id, reason="user"))
         remote = await self._server_nursery.start(self._mirror, session_id, holder.run_id)
         if remote is None:
             return await super().stop_current(session_id)
