@@ -237,7 +237,7 @@ class HttpApi:
         await self.store.delete_session(sid)
         # A message that came while the delete was written started a run: stop that too
         # (one that comes later finds the session gone and ends as deleted, runs.py).
-        run = self.registry.stop(sid, "deleted")
+        run = await self.registry.stop_anywhere(sid, "deleted")
         if run is not None:
             await run.done.wait()
         await trio.to_thread.run_sync(uploads.delete_session_uploads, self.settings.data_dir, session.user_id, sid)
