@@ -31,7 +31,7 @@ import trio.lowlevel
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from navi_trio.cluster.node import ClusterNode  # noqa: E402
+from navi_trio.cluster.broker import RedisBroker  # noqa: E402
 from navi_trio.cluster.redis import Keys, connect  # noqa: E402
 from navi_trio.lifecycle import How, Run, RunRequest  # noqa: E402
 from tests.redis_server import running_redis  # noqa: E402
@@ -84,15 +84,12 @@ async def local_run(events: int) -> None:
 async def cluster_run(url: str, prefix: str, events: int, follow: bool = True) -> None:
     keys = Keys(prefix)
 
-    async def nothing(*args: object) -> None:
-        pass
-
     async with connect(url) as ca, connect(url) as cb, trio.open_nursery() as nursery:
-        a = ClusterNode(
-            ca, keys, "A", lease_s=10, max_run_events=events + 10, on_notice=lambda n: None, on_orphan=nothing
+        a = RedisBroker(
+            ca, keys, "A", lease_s=10, max_run_events=events + 10
         )
-        b = ClusterNode(
-            cb, keys, "B", lease_s=10, max_run_events=events + 10, on_notice=lambda n: None, on_orphan=nothing
+        b = RedisBroker(
+            cb, keys, "B", lease_s=10, max_run_events=events + 10
         )
         await nursery.start(a.serve)
         await nursery.start(b.serve)

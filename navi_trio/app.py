@@ -7,8 +7,9 @@ its own isolated server (STYLE P2, anti-pattern 15).
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
@@ -18,7 +19,7 @@ import trio
 from .agents import make_agent
 from .agents.pacing import Pacer
 from .broker import InProcessBroker
-from .cluster.registry import ClusterRegistry, cluster_registry, open_cluster_client
+from .cluster.broker import open_redis_broker
 from .connection import CLOSE_RESTART
 from .errors import NaviError
 from .handshake import handshake
@@ -35,7 +36,7 @@ from .web.page import page_asset, serve_page
 
 if TYPE_CHECKING:
     from .asgi_types import Receive, Scope, Send
-    from .cluster.redis import Client
+    from .broker import Broker
     from .store.base import Store
 
 log = structlog.get_logger("navi_trio.app")
@@ -46,6 +47,21 @@ STATE_KEY: Final = "navi"
 REVOCATION_POLL_S: Final = 1.0
 #: WebSocket close code once the server cannot go on (RFC 6455 "internal error").
 CLOSE_INTERNAL_ERROR: Final = 1011
+
+
+@contextlib.asynccontextmanager
+async def open_broker(settings: Settings) -> AsyncIterator[Broker]:
+    """What the processes of this server share: Redis with ``NAVI_REDIS_URL``, else this
+    process alone.
+
+    Raises:
+        RedisUnavailable: Redis does not answer at startup (a startup failure).
+    """
+    if not settings.redis_url:
+        yield InProcessBroker()
+        return
+    async with open_redis_broker(settings) as broker:
+        yield broker
 
 
 class Services:
@@ -81,8 +97,6 @@ class NaviApp:
         self.failure: str | None = None
         #: Set when the server nursery failed after startup: the host must stop serving.
         self.failed = trio.Event()
-        #: The registry, when this process is one of a cluster (``NAVI_REDIS_URL``).
-        self._cluster: ClusterRegistry | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -127,10 +141,10 @@ class NaviApp:
         try:
             async with (
                 open_store(self.settings) as store,
-                open_cluster_client(self.settings) as redis,
+                open_broker(self.settings) as broker,
                 trio.open_nursery() as server_nursery,
             ):
-                registry = await self._start(scope, store, server_nursery, redis)
+                registry = await self._start(scope, store, server_nursery, broker)
                 started = True
                 await send({"type": "lifespan.startup.complete"})
                 message = await receive()  # lifespan.shutdown: every connection has ended
@@ -152,9 +166,7 @@ class NaviApp:
         else:
             await self._supervisor_failed(error, receive, send, stopping=stopping)
 
-    async def _start(
-        self, scope: Scope, store: Store, server_nursery: trio.Nursery, redis: Client | None = None
-    ) -> RunRegistry:
+    async def _start(self, scope: Scope, store: Store, server_nursery: trio.Nursery, broker: Broker) -> RunRegistry:
         """Start the server's own tasks in ``server_nursery``; publish the services."""
         settings = self.settings
         guard_hypercorn_loggers()
@@ -163,27 +175,23 @@ class NaviApp:
         server_nursery.start_soon(pacer.serve)
         metrics = Metrics(settings.agent, tracing_from_env())
         agent = make_agent(settings, pacer=pacer, metrics=metrics)
-        registry: RunRegistry
-        if redis is None:
-            registry = RunRegistry(
-                server_nursery,
-                store,
-                agent,
-                broker=InProcessBroker(),
-                save_timeout_s=settings.save_timeout_s,
-                max_queued_runs=settings.max_queued_runs,
-                max_run_events=settings.max_run_events,
-                metrics=metrics,
-            )
+        registry = RunRegistry(
+            server_nursery,
+            store,
+            agent,
+            broker=broker,
+            save_timeout_s=settings.save_timeout_s,
+            max_queued_runs=settings.max_queued_runs,
+            max_run_events=settings.max_run_events,
+            metrics=metrics,
+        )
+        if not settings.redis_url:
+            # In a cluster another process's running answers are not interrupted: a dead
+            # owner's runs are ended by the broker's sweep once its lease expires.
             recovered = await store.recover_interrupted()
             if recovered:
                 log.warning("store.recovered_interrupted_answers", count=recovered)
-        else:
-            # In a cluster another process's running answers are not interrupted: a dead
-            # owner's runs are ended by the sweep once its lease expires.
-            registry = cluster_registry(server_nursery, store, agent, settings, redis, InProcessBroker(), metrics)
-            self._cluster = registry
-            await server_nursery.start(registry.node.serve)
+        await server_nursery.start(registry.serve_broker)
         server_nursery.start_soon(registry.serve_checkpoints, settings.checkpoint_s)
         server_nursery.start_soon(registry.serve_revocations, REVOCATION_POLL_S)
         server_nursery.start_soon(metrics.serve_sync, registry)
@@ -215,7 +223,7 @@ class NaviApp:
 
     def health(self) -> str | None:
         """Why the server cannot serve (``/healthz`` answers 503 with it), or None."""
-        if self.failure is None and self._cluster is not None and not self._cluster.node.healthy:
+        if self.failure is None and self.services is not None and not self.services.registry.broker.healthy:
             return "Redis is unreachable"
         return self.failure
 

@@ -1,274 +1,315 @@
-"""The broker: everything the processes serving sessions share, behind one interface.
+"""The broker: what the processes serving sessions share, behind one interface.
 
-Above this seam (the run registry, connections, HTTP routes) nothing knows which
-implementation it talks to; the server builds one :class:`InProcessBroker` today, and a
-broker spanning processes implements the same :class:`Broker` and passes the same
-conformance suite (``tests/broker_conformance.py``, in the style of trio's
-``check_two_way_stream``).
+Above this seam the run registry (``runs.py``) decides every admission, stop and hand-over
+the same way whichever broker it talks to: :class:`InProcessBroker` for a server that is
+one process (plain dicts, no service at all), or the Redis broker
+(:class:`~navi_trio.cluster.broker.RedisBroker`, ``NAVI_REDIS_URL``) that makes several
+processes one server. Both pass the same conformance suite
+(``tests/broker_conformance.py``, in the style of trio's ``check_two_way_stream``).
+
+The seam speaks of runs by id and every method is async, because across processes each
+step is a round trip. So every decision is a compare-and-set: admission looks (who holds
+the session, what waits), decides with ``admission.py``, then claims or queues only if
+what it saw still holds, and looks again if not. The in-process broker answers each
+call without a checkpoint, so in one process a look and the step that acts on it are
+still one step.
 
 What is shared, and the contract each part keeps:
 
 - **Ownership**: at most one run per session. :meth:`Broker.claim` succeeds for one run
-  of a session at a time; :meth:`Broker.release` hands the session to the next queued
-  message's run in the same step, or frees it. :meth:`Broker.wait_idle` returns once no
-  session has a run.
-- **The run's log and its fan-out**: :meth:`Broker.subscribe` gives a subscriber every
-  event of the run exactly once, in seq order (replayed from the log when asked, caught
-  up from it when its outbox was full), with no gap between replay and live events.
-- **Stop, delete and interrupt requests**: :meth:`Broker.request_stop` reaches the
-  session's run wherever it plays; the first reason given is the one it ends with.
-- **Run-started notices**: every follower of a session hears of each new run of it
-  (``Follower.run_started``) before the run's first event, so it misses none.
-- **Queues**: messages waiting for a session's run, in order, bounded by admission.
-- **Revocations and closes**: :meth:`Broker.revoke` and :meth:`Broker.close_followers`
-  reach every connection concerned.
+  id at a time; :meth:`Broker.finish` hands the session on, in one step, to a new run id
+  for the next queued message (played by the process that finished), or frees it.
+- **The run's log and its fan-out**: :meth:`Broker.own` makes the log of a run played
+  here readable wherever the session is followed; :meth:`Broker.watch` gives a view of a
+  run played by another process that a connection subscribes to like a local run
+  (replay, resume by seq, catch-up with merging). :meth:`Broker.finish` returns only once
+  the run's terminal event is where every reader finds it.
+- **Stop requests**: :meth:`Broker.request_stop` reaches the run wherever it plays; the
+  run keeps the first reason given.
+- **Notices**: every process hears (through the ``on_notice`` given to :meth:`Broker.bind`)
+  that a run started (``run_started``, before its first event can be missed: a reader
+  reads the run's log from its start) and that a session's followers are to be closed
+  (``close``).
+- **Queues**: messages waiting for a session's run, in order, inserted only while the
+  holder and length admission saw still hold.
+- **Dead owners** (only where processes can die apart): a run whose owner's lease lapsed
+  is ended once, and its answer handed to ``on_orphan`` to be saved ``interrupted``.
 
-Every method is synchronous, so that a check and the registration that follows it
-happen with no checkpoint in between; only :meth:`Broker.wait_idle` waits.
+What stays in each process (its connections, and the local objects they subscribe to in
+one synchronous step) is :class:`~navi_trio.local.LocalRuns`.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections import deque
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final, Protocol
 
+import attrs
 import trio
 
-from .fanout import Followers
+from .errors import NaviError
 
 if TYPE_CHECKING:
     from .admission import Queued
-    from .fanout import Follower, Outbox, Subscriber
-    from .lifecycle import Run, RunRequest
+    from .events import RunLog
+    from .lifecycle import Run
+
+
+class BrokerUnavailable(NaviError):
+    """The shared state cannot be reached (Redis lost); ``str(exc)`` names it for users."""
+
+
+@attrs.frozen
+class Holder:
+    """Who holds a session: a run, and the process that plays it."""
+
+    run_id: str
+    owner: str
+
+    @property
+    def value(self) -> str:
+        return f"{self.run_id} {self.owner}"
+
+    @classmethod
+    def parse(cls, value: str) -> Holder:
+        run_id, _, owner = value.partition(" ")
+        return cls(run_id, owner)
+
+
+#: The kinds of :class:`Notice`.
+NOTICE_KINDS: Final = frozenset({"run_started", "stop", "close"})
+
+
+@attrs.frozen
+class Notice:
+    """What every process hears: ``run_started`` (a session has a new run, played by
+    ``owner``), ``stop`` (stop run ``run_id`` with ``reason``), ``close`` (close the
+    session's followers with ``code`` and ``reason``; ``owner`` is the asker)."""
+
+    kind: str
+    session_id: str
+    run_id: str = ""
+    owner: str = ""
+    reason: str = ""
+    code: int = 0
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "k": self.kind,
+            "s": self.session_id,
+            "r": self.run_id,
+            "o": self.owner,
+            "x": self.reason,
+            "c": str(self.code),
+        }
+
+    @classmethod
+    def from_fields(cls, f: dict[str, str]) -> Notice:
+        return cls(f["k"], f["s"], f.get("r", ""), f.get("o", ""), f.get("x", ""), int(f.get("c", "0")))
+
+
+OnNotice = Callable[[Notice], None]
+#: Save the answer of a run whose owner died: (session id, answer id, its log as read).
+OnOrphan = Callable[[str, str, "RunLog"], Awaitable[None]]
+
+
+class Watched(Protocol):
+    """A run played by another process, as this one sees it (what :meth:`Broker.watch`
+    gives): a fan-out a connection subscribes to like a local run."""
+
+    id: str
+    session_id: str
+    #: Set once the run is settled (its answer saved by its owner).
+    done: trio.Event
+    #: Set once its first event has been read (an attach replays from ``stream_start``).
+    first: trio.Event
+    #: How a stop asked here reaches the process that plays it.
+    on_cancel: Callable[[Watched, str], None] | None
+
+    @property
+    def over(self) -> bool: ...
+
+    def cancel(self, reason: str) -> None: ...
 
 
 class Broker(Protocol):
-    # -- ownership -----------------------------------------------------------------------
-    def active(self, session_id: str) -> Run | None:
-        """The session's run (from its claim until its release), or None."""
+    """The seam. Each method is one atomic step for the state it names: a cancel leaves it
+    done or not done, never half done (a lost answer to a claim expires by itself).
+    Methods that reach another process raise :class:`BrokerUnavailable` when it is lost."""
+
+    @property
+    def owner(self) -> str:
+        """The name of this process in holders and notices."""
         ...
 
     @property
-    def runs(self) -> list[Run]:
-        """Every run that holds a session."""
-        ...
-
-    def claim(self, run: Run) -> bool:
-        """Make ``run`` its session's run; False (and nothing changes) if it has one."""
-        ...
-
-    def release(self, run: Run, successor: Run | None = None) -> None:
-        """``run`` gives up its session: to ``successor`` (a run of the same session, the
-        next queued message's), in the same step, or to nobody. Releasing a run that no
-        longer holds its session does nothing."""
-        ...
-
-    async def wait_idle(self) -> None:
-        """Return once no session has a run.
-
-        Cancellation: only a wait; a cancel ends it and changes nothing.
-        """
-        ...
-
-    # -- the run's log and its fan-out ---------------------------------------------------
-    def subscribe(self, run: Run, outbox: Outbox, *, after: int | None = None, replay: bool = False) -> Subscriber:
-        """Deliver the run's events to ``outbox``: from now on (``replay=False``), or the
-        whole run so far first (``replay=True``: stream_start, replay_start, the events,
-        replay_end), or stream_start and the events after seq ``after`` first (a resume)."""
-        ...
-
-    def unsubscribe(self, sub: Subscriber) -> None: ...
-
-    # -- stop, delete and interrupt requests ---------------------------------------------
-    def request_stop(self, session_id: str, reason: str) -> Run | None:
-        """Ask the session's run to stop with ``reason``; return it (None if none)."""
-        ...
-
-    # -- followers and run-started notices -----------------------------------------------
-    def follow(self, session_id: str, follower: Follower) -> Run | None:
-        """Register ``follower`` for every future run of the session (once, however often
-        asked); return the session's run, so the caller can subscribe to it in the same
-        synchronous step and miss nothing."""
-        ...
-
-    def unfollow(self, session_id: str, follower: Follower) -> None: ...
-
-    def followers(self, session_id: str) -> list[Follower]: ...
-
-    @property
-    def follower_count(self) -> int: ...
-
-    def connections_of(self, user_id: str) -> int:
-        """How many connections of this user follow a session."""
-        ...
-
-    def announce(self, run: Run) -> None:
-        """Tell every follower of the run's session that it started (``run_started``)."""
-        ...
-
-    # -- queues --------------------------------------------------------------------------
-    def queued(self, session_id: str) -> Sequence[Queued]:
-        """What waits for the session's run, oldest first (a view: do not keep it)."""
-        ...
-
-    def enqueue(self, session_id: str, queued: Queued, at: int) -> None:
-        """Put ``queued`` at position ``at`` of the session's queue."""
-        ...
-
-    def pop_queued(self, session_id: str) -> Queued | None:
-        """Take the first of the session's queue, or None."""
-        ...
-
-    def forget_queue(self, session_id: str) -> None:
-        """Drop what waits for the session (it is being deleted)."""
-        ...
-
-    def take_all_queued(self) -> list[RunRequest]:
-        """Empty every queue (shutdown); return what they held, oldest first per session."""
+    def healthy(self) -> bool:
+        """False while the shared state does not answer (``/healthz`` answers 503)."""
         ...
 
     @property
     def queued_count(self) -> int:
-        """How many messages wait, over every session."""
+        """Messages waiting behind this process's runs (for ``/metrics``; may lag by a
+        second in a cluster)."""
         ...
 
-    # -- revocations and closes ----------------------------------------------------------
-    def has_user_connections(self) -> bool:
-        """Some follower belongs to a user (only then can a revocation concern anyone)."""
+    def bind(self, on_notice: OnNotice, on_orphan: OnOrphan) -> None:
+        """Where notices and orphaned answers go (the registry, once, before :meth:`serve`)."""
         ...
 
-    def revoke(self, user_ids: set[str]) -> None:
-        """Close every connection of these users (4003 ``Token revoked``)."""
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The broker's own tasks (listening for notices, finding dead owners); started
+        once it hears every notice published from then on.
+
+        Cancellation: ends them; runs are the registry's, not ended by this.
+        """
         ...
 
-    def close_followers(self, session_id: str, code: int, reason: str) -> None: ...
+    # -- ownership -----------------------------------------------------------------------
+    async def holder(self, session_id: str) -> Holder | None:
+        """Who holds the session now (None: nobody)."""
+        ...
 
-    def close_all_followers(self, code: int, reason: str) -> None: ...
+    async def claim(self, session_id: str, run_id: str) -> bool:
+        """Make ``run_id`` (to be played here) the session's run; False if one holds it."""
+        ...
+
+    async def own(self, run: Run) -> None:
+        """A run claimed here, before it publishes ``stream_start``: make its log readable
+        wherever the session is followed, keep its claim alive while it lives, and send
+        the ``run_started`` notice."""
+        ...
+
+    async def finish(self, run: Run, *, hand_on: bool = True) -> tuple[Queued, str] | None:
+        """After the run's answer is saved: once its terminal event is out (where every
+        reader finds it), mark it settled and hand the session on in one step: to a new
+        run id for the next queued message (returned with it: play it here under that
+        id), or to nobody (None; also with ``hand_on=False``, and when the session was
+        no longer this run's)."""
+        ...
+
+    async def watch(self, session_id: str, run_id: str, *, task_status: trio.TaskStatus[Watched]) -> None:  # noqa: ASYNC114
+        """Follow a run played by another process: ``started`` at once with its view,
+        then feed the view's subscribers until the run is settled.
+
+        Cancellation: only reads; a cancel ends the view (its subscribers get no more).
+        """
+        ...
+
+    # -- stop requests and notices -------------------------------------------------------
+    async def request_stop(self, session_id: str, run_id: str, reason: str) -> None:
+        """Ask run ``run_id`` to stop with ``reason`` wherever it plays (a run already over
+        keeps its ending)."""
+        ...
+
+    async def close_followers(self, session_id: str, code: int, reason: str) -> None:
+        """Tell every other process to close its followers of the session."""
+        ...
+
+    # -- queues --------------------------------------------------------------------------
+    async def queued(self, session_id: str) -> list[Queued]:
+        """What waits for the session's run, oldest first."""
+        ...
+
+    async def enqueue(self, session_id: str, queued: Queued, at: int, *, holder: Holder | None, length: int) -> bool:
+        """Put ``queued`` at position ``at`` if the session is still held by ``holder``
+        with ``length`` messages waiting (what admission decided from); False (nothing
+        changed) if either moved."""
+        ...
+
+    async def forget_queue(self, session_id: str) -> list[Queued]:
+        """Drop what waits for the session; return it, oldest first."""
+        ...
+
+
+def _nobody(notice: Notice) -> None:
+    pass
 
 
 class InProcessBroker:
-    """The :class:`Broker` of a server that is one process: plain dicts and lists.
+    """The :class:`Broker` of a server that is one process: plain dicts.
 
-    One owner per piece of state: the session table and the queues here, the followers
-    in :class:`~navi_trio.fanout.Followers`, each run's subscribers in the run itself.
+    Every method completes without a checkpoint (nothing to wait for), so in one process
+    admission's look and the claim that follows it are one step. Every run is this
+    process's own, so :meth:`watch` has nothing to watch and no owner can die apart.
     """
 
+    owner: Final = "local"
+
     def __init__(self) -> None:
-        self._active: dict[str, Run] = {}
+        self._holders: dict[str, Holder] = {}
         self._queues: dict[str, deque[Queued]] = {}
-        self._followers = Followers()
-        self._idle = trio.Event()
-        self._idle.set()
-
-    # -- ownership -----------------------------------------------------------------------
-    def active(self, session_id: str) -> Run | None:
-        return self._active.get(session_id)
+        self._owned: dict[str, Run] = {}
+        self._on_notice: OnNotice = _nobody
 
     @property
-    def runs(self) -> list[Run]:
-        return list(self._active.values())
-
-    def claim(self, run: Run) -> bool:
-        sid = run.session_id
-        if sid in self._active:
-            return False
-        self._active[sid] = run
-        if self._idle.is_set():
-            self._idle = trio.Event()
+    def healthy(self) -> bool:
         return True
-
-    def release(self, run: Run, successor: Run | None = None) -> None:
-        sid = run.session_id
-        if self._active.get(sid) is not run:
-            return
-        if successor is not None:
-            assert successor.session_id == sid
-            self._active[sid] = successor
-            return
-        del self._active[sid]
-        if not self._active:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
-
-    # -- the run's log and its fan-out ---------------------------------------------------
-    def subscribe(self, run: Run, outbox: Outbox, *, after: int | None = None, replay: bool = False) -> Subscriber:
-        return run.subscribe(outbox, after=after, replay=replay)
-
-    def unsubscribe(self, sub: Subscriber) -> None:
-        sub.run.unsubscribe(sub)
-
-    # -- stop, delete and interrupt requests ---------------------------------------------
-    def request_stop(self, session_id: str, reason: str) -> Run | None:
-        run = self._active.get(session_id)
-        if run is not None:
-            run.cancel(reason)
-        return run
-
-    # -- followers and run-started notices -----------------------------------------------
-    def follow(self, session_id: str, follower: Follower) -> Run | None:
-        self._followers.add(session_id, follower)
-        return self._active.get(session_id)
-
-    def unfollow(self, session_id: str, follower: Follower) -> None:
-        self._followers.remove(session_id, follower)
-
-    def followers(self, session_id: str) -> list[Follower]:
-        return self._followers.of(session_id)
-
-    @property
-    def follower_count(self) -> int:
-        return len(self._followers)
-
-    def connections_of(self, user_id: str) -> int:
-        return len(self._followers.of_user(user_id))
-
-    def announce(self, run: Run) -> None:
-        for follower in self._followers.live(run.session_id):
-            follower.run_started(run)
-
-    # -- queues --------------------------------------------------------------------------
-    def queued(self, session_id: str) -> Sequence[Queued]:
-        return self._queues.get(session_id, ())
-
-    def enqueue(self, session_id: str, queued: Queued, at: int) -> None:
-        self._queues.setdefault(session_id, deque()).insert(at, queued)
-
-    def pop_queued(self, session_id: str) -> Queued | None:
-        queue = self._queues.get(session_id)
-        if not queue:
-            return None
-        first = queue.popleft()
-        if not queue:
-            del self._queues[session_id]
-        return first
-
-    def forget_queue(self, session_id: str) -> None:
-        self._queues.pop(session_id, None)
 
     @property
     def queued_count(self) -> int:
         return sum(len(queue) for queue in self._queues.values())
 
-    def take_all_queued(self) -> list[RunRequest]:
-        requests = [queued.request for queue in self._queues.values() for queued in queue]
-        self._queues.clear()
-        return requests
+    def bind(self, on_notice: OnNotice, on_orphan: OnOrphan) -> None:
+        self._on_notice = on_notice
 
-    # -- revocations and closes ----------------------------------------------------------
-    def has_user_connections(self) -> bool:
-        return self._followers.any_user()
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()  # nothing to listen to: notices are delivered as they are sent
 
-    def revoke(self, user_ids: set[str]) -> None:
-        for follower in self._followers.of_users(user_ids):
-            follower.request_close(4003, "Token revoked")
+    # -- ownership -----------------------------------------------------------------------
+    async def holder(self, session_id: str) -> Holder | None:
+        return self._holders.get(session_id)
 
-    def close_followers(self, session_id: str, code: int, reason: str) -> None:
-        for follower in self._followers.of(session_id):
-            follower.request_close(code, reason)
+    async def claim(self, session_id: str, run_id: str) -> bool:
+        if session_id in self._holders:
+            return False
+        self._holders[session_id] = Holder(run_id, self.owner)
+        return True
 
-    def close_all_followers(self, code: int, reason: str) -> None:
-        for session_id in self._followers.sessions():
-            self.close_followers(session_id, code, reason)
+    async def own(self, run: Run) -> None:
+        self._owned[run.id] = run  # its log is the run's own, readable by every connection
+        self._on_notice(Notice("run_started", run.session_id, run.id, owner=self.owner))
+
+    async def finish(self, run: Run, *, hand_on: bool = True) -> tuple[Queued, str] | None:
+        self._owned.pop(run.id, None)
+        sid = run.session_id
+        if self._holders.get(sid) != Holder(run.id, self.owner):
+            return None
+        queue = self._queues.get(sid)
+        if hand_on and queue:
+            first = queue.popleft()
+            if not queue:
+                del self._queues[sid]
+            successor_id = uuid.uuid4().hex
+            self._holders[sid] = Holder(successor_id, self.owner)
+            return first, successor_id
+        del self._holders[sid]
+        return None
+
+    async def watch(self, session_id: str, run_id: str, *, task_status: trio.TaskStatus[Watched]) -> None:  # noqa: ASYNC114
+        raise LookupError(f"run {run_id} is played by this process: there is nothing to watch")
+
+    # -- stop requests and notices -------------------------------------------------------
+    async def request_stop(self, session_id: str, run_id: str, reason: str) -> None:
+        run = self._owned.get(run_id)
+        if run is not None:
+            run.cancel(reason)
+
+    async def close_followers(self, session_id: str, code: int, reason: str) -> None:
+        pass  # no other process follows it
+
+    # -- queues --------------------------------------------------------------------------
+    async def queued(self, session_id: str) -> list[Queued]:
+        return list(self._queues.get(session_id, ()))
+
+    async def enqueue(self, session_id: str, queued: Queued, at: int, *, holder: Holder | None, length: int) -> bool:
+        queue = self._queues.get(session_id, ())
+        if self._holders.get(session_id) != holder or len(queue) != length:
+            return False
+        self._queues.setdefault(session_id, deque()).insert(at, queued)
+        return True
+
+    async def forget_queue(self, session_id: str) -> list[Queued]:
+        return list(self._queues.pop(session_id, ()))

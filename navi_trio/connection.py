@@ -161,7 +161,7 @@ class Connection:
 
     # -- Follower ----------------------------------------------------------------------
     def run_started(self, run: Run) -> None:
-        self._track(self.registry.broker.subscribe(run, self))
+        self._track(self.registry.local.subscribe(run, self))
 
     def request_close(self, code: int, reason: str) -> None:
         """Close once everything queued and lagging has been written (or on cancel)."""
@@ -220,8 +220,8 @@ class Connection:
 
     def _attach(self, resume_run_id: str | None, resume_after: int | None) -> None:
         """Follow the session and subscribe to its active run, in one synchronous step."""
-        broker = self.registry.broker
-        run = broker.follow(self.session_id, self)
+        local = self.registry.local
+        run = local.follow(self.session_id, self)
         if self.registry.closing.is_set():
             self.request_close(CLOSE_RESTART, "Server restarting")
             return
@@ -229,17 +229,17 @@ class Connection:
             self.offer(SESSION_SYNC)
             return
         if resume_run_id is not None and resume_run_id == run.id and resume_after:
-            self._track(broker.subscribe(run, self, after=resume_after, replay=True))
+            self._track(local.subscribe(run, self, after=resume_after, replay=True))
             return
         if resume_run_id is not None and resume_run_id != run.id:
             self.offer(SESSION_SYNC)  # the run they knew is over: reload history, then follow this one
-        self._track(broker.subscribe(run, self, replay=True))
+        self._track(local.subscribe(run, self, replay=True))
 
     def _detach(self) -> None:
-        broker = self.registry.broker
-        broker.unfollow(self.session_id, self)
+        local = self.registry.local
+        local.unfollow(self.session_id, self)
         for sub in self.subscriptions:
-            broker.unsubscribe(sub)
+            local.unsubscribe(sub)
         self.subscriptions = ()
         self.lagging.clear()
 

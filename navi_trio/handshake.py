@@ -75,7 +75,7 @@ async def handshake(
         await close(CLOSE_DENIED, str(exc))
         return None
     user_id = user.id if user else None
-    if user_id is not None and registry.broker.connections_of(user_id) >= settings.max_connections_per_user:
+    if user_id is not None and registry.local.connections_of(user_id) >= settings.max_connections_per_user:
         registry.metrics.refused("limit")
         await close(CLOSE_POLICY, f"Too many connections (max {settings.max_connections_per_user} per user)")
         return None

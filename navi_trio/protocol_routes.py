@@ -39,9 +39,9 @@ from .uploads import BadUpload
 if TYPE_CHECKING:
     from .agents.pacing import Pacer
     from .asgi_types import Receive, Scope, Send
-    from .broker import Broker
     from .fanout import Subscriber
     from .lifecycle import Run, RunRequest
+    from .local import LocalRuns
     from .runs import RunRegistry
     from .settings import Settings
     from .store.base import SessionRecord, User
@@ -131,7 +131,7 @@ class SseStream:
         return bool(self.lagging)
 
     # -- lifecycle ---------------------------------------------------------------------
-    async def serve(self, run: Run, broker: Broker, headers: list[tuple[bytes, bytes]], pacer: Pacer) -> None:
+    async def serve(self, run: Run, local: LocalRuns, headers: list[tuple[bytes, bytes]], pacer: Pacer) -> None:
         """Answer ``200`` with the run translated, from its first event to its terminal
         one, then end the response.
 
@@ -140,8 +140,8 @@ class SseStream:
         outbox; unsubscribes from the run on the way out, whatever ends it.
         """
         # A replay from the start: the run's events so far from its log, then the live
-        # ones, with no gap or duplicate between them (``Broker.subscribe`` is synchronous).
-        sub = broker.subscribe(run, self, replay=True)
+        # ones, with no gap or duplicate between them (``LocalRuns.subscribe`` is synchronous).
+        sub = local.subscribe(run, self, replay=True)
         sub.reports_wire = True  # the writer says when the run's terminal part is sent
         self._sub = sub
         try:
@@ -155,7 +155,7 @@ class SseStream:
                 if not self.disconnected:
                     await self._send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            broker.unsubscribe(sub)
+            local.unsubscribe(sub)
             if self.disconnected and not run.log.finished:
                 log.info("sse.client_left", run_id=run.id)
 
@@ -302,7 +302,7 @@ class ProtocolRoutes:
             tally=self.registry.metrics.tally,
         )
         try:
-            await stream.serve(run, self.registry.broker, headers, self.pacer)
+            await stream.serve(run, self.registry.local, headers, self.pacer)
         except Exception:
             log.exception("sse.failed", run_id=run.id)
         return STREAMED, None

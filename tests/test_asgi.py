@@ -341,13 +341,13 @@ async def test_ws_disconnect_mid_run_leaves_no_connection_task(autojump_clock: t
                 run = server.registry.active(sid)
                 assert run is not None
                 assert len(conns.child_tasks) == 1  # the connection is up
-                assert server.registry.broker.follower_count == 1
+                assert server.registry.local.follower_count == 1
                 assert len(run.subscribers) == 1
                 await ws.disconnect()
                 await trio.testing.wait_all_tasks_blocked()
                 # The connection's app call and every task it had are gone ...
                 assert len(conns.child_tasks) == 0
-                assert server.registry.broker.follower_count == 0
+                assert server.registry.local.follower_count == 0
                 assert run.subscribers == []
                 # ... while the run goes on (a disconnect is never a stop).
                 assert server.registry.active(sid) is run
@@ -638,7 +638,7 @@ async def test_inmemory_disconnect_mid_run(autojump_clock: trio.testing.MockCloc
             assert run is not None
             assert not run.log.finished
             assert run.subscribers == []
-            assert server.registry.broker.follower_count == 0
+            assert server.registry.local.follower_count == 0
             await run.done.wait()
             assert run.log.terminal is not None
             assert wire(run.log.terminal) == {"type": "stream_end", "seq": 12, "content": "x" * 10}

@@ -446,7 +446,7 @@ async def test_connection_limit_per_user(tmp_path: Path) -> None:
                     assert got[-1] == {"type": "stream_end", "seq": 3, "content": text}
             # once they are gone, alice may connect again (the count is of open connections)
             uid = w.users["alice"].id
-            while w.server.registry.broker.connections_of(uid):  # noqa: ASYNC110 (no event to wait on: poll the condition)
+            while w.server.registry.local.connections_of(uid):  # noqa: ASYNC110 (no event to wait on: poll the condition)
                 await trio.sleep(0.01)
             async with w.ws(w.sids["alice"], query=f"token={alice}") as c3:
                 assert await first_outcome(c3) == "session_sync"

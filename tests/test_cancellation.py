@@ -91,7 +91,7 @@ async def session_with_baseline(server: Server) -> tuple[str, set[trio.lowlevel.
 
 def connection_of(server: Server, sid: str, *, exclude: set[Connection] | None = None) -> Connection:
     """The one server-side Connection following ``sid`` that is not in ``exclude``."""
-    followers = server.registry.broker.followers(sid)
+    followers = server.registry.local.followers(sid)
     conns = [f for f in followers if isinstance(f, Connection) and f not in (exclude or set())]
     assert len(conns) == 1, conns
     return conns[0]
@@ -181,7 +181,7 @@ async def test_disconnect_mid_run_is_not_a_stop(autojump_clock: trio.testing.Moc
             assert server.registry.active(sid) is run
             assert not run.done.is_set()
             assert run.subscribers == []
-            assert server.registry.broker.followers(sid) == []
+            assert server.registry.local.followers(sid) == []
             (run_task,) = [t for t in all_tasks() if t.name == f"run:{run.id}"]
             assert run_task.parent_nursery is server.registry._nursery
 

@@ -1,4 +1,4 @@
-"""Two processes' nodes on one real redis-server (``navi_trio/cluster/node.py``).
+"""Two processes' nodes on one real redis-server (``navi_trio/cluster/broker.py``).
 
 Each node has its own Redis connection and key view, as two navi-trio processes would;
 the runs are real :class:`~navi_trio.lifecycle.Run` objects played by the test (it is the
@@ -14,37 +14,23 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from navi_trio.cluster.bus import Notice
-from navi_trio.cluster.node import ClusterNode, RemoteRun
+from navi_trio.cluster.broker import RedisBroker, RemoteRun
 from navi_trio.cluster.redis import Keys, connect
-from navi_trio.events import RunLog, check_grammar
+from navi_trio.events import check_grammar
 from navi_trio.lifecycle import How, Run
 
-from .broker_conformance import RecordingOutbox, request, run_events
+from .broker_conformance import Recorder, RecordingOutbox, request, run_events
 from .redis_server import RedisServer
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.notices: list[Notice] = []
-        self.orphans: list[tuple[str, str, RunLog]] = []
-
-    def notice(self, n: Notice) -> None:
-        self.notices.append(n)
-
-    async def orphan(self, session_id: str, answer_id: str, log: RunLog) -> None:
-        self.orphans.append((session_id, answer_id, log))
 
 
 @contextlib.asynccontextmanager
 async def node(
     server: RedisServer, keys: Keys, owner: str, lease_s: float = 10.0
-) -> AsyncIterator[tuple[ClusterNode, Recorder]]:
+) -> AsyncIterator[tuple[RedisBroker, Recorder]]:
     rec = Recorder()
     async with connect(server.url) as client, trio.open_nursery() as nursery:
-        n = ClusterNode(
-            client, keys, owner, lease_s=lease_s, max_run_events=1000, on_notice=rec.notice, on_orphan=rec.orphan
-        )
+        n = RedisBroker(client, keys, owner, lease_s=lease_s, max_run_events=1000)
+        n.bind(rec.notice, rec.orphan)
         await nursery.start(n.serve)
         yield n, rec
         nursery.cancel_scope.cancel()
@@ -158,7 +144,7 @@ async def dies_playing(server: RedisServer, keys: Keys, run: Run, *, ended: bool
             nursery.cancel_scope.cancel()
 
 
-async def settled_by(b: ClusterNode, run: Run) -> RemoteRun:
+async def settled_by(b: RedisBroker, run: Run) -> RemoteRun:
     """The run as ``b`` reads it, once settled (by ``b``'s sweep) within the lease."""
     start = trio.current_time()
     async with trio.open_nursery() as nursery:

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import trio
 
@@ -128,6 +129,33 @@ async def test_a_stop_asked_on_the_other_server_answers_once_the_answer_is_saved
         assert seen[-1]["type"] == "stream_stopped" and seen[-1]["reason"] == "user"
         r = await b.http.post(f"/sessions/{sid}/stop")
         assert r.json()["ok"] is False  # nothing runs any more, cluster-wide
+
+
+async def test_a_stop_on_the_other_server_of_a_run_already_over_finds_no_run(
+    own_redis: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    """As in one process: a run whose terminal event is out is over, not stopped. The stop
+    waits for its answer to be saved (held here by a lock on the messages table, until
+    the server's save gives up), then answers that nothing runs."""
+    async with two_servers(own_redis, database_url, tmp_path) as (a, b):
+        sid = await a.new_session()
+        async with a.connect(sid) as sender:
+            await sender.recv()
+            await sender.send_message(script({"text": "a"}, {"text": "b", "repeat": 2, "delay": 0.5}))
+            with trio.fail_after(10):
+                await sender.until("stream_delta")  # its user message is saved
+            lock = await trio.to_thread.run_sync(psycopg.connect, database_url)
+            try:
+                await trio.to_thread.run_sync(lock.execute, "LOCK TABLE messages IN EXCLUSIVE MODE")
+                with trio.fail_after(10):
+                    seen = await sender.until_terminal()
+                assert seen[-1]["type"] == "stream_end"
+                with trio.fail_after(10):
+                    r = await b.http.post(f"/sessions/{sid}/stop")
+            finally:
+                await trio.to_thread.run_sync(lock.close)
+        assert r.status_code == 200
+        assert r.json() == {"ok": False, "reason": "no active run"}
 
 
 async def test_a_delete_on_the_other_server_stops_the_run_and_closes_its_followers(

@@ -71,4 +71,4 @@ async def test_a_disconnect_during_a_stop_is_seen_at_once(autojump_clock: trio.t
             await run.done.wait()  # the run still ends and saves, on its own
             assert store.saved_at == [t_stop + SAVE_S]
             assert run.status == "stopped"
-            assert registry.broker.follower_count == 0
+            assert registry.local.follower_count == 0

@@ -15,5 +15,8 @@ against a real redis-server; the Redis broker is made of them:
   rules as a local run's log);
 - ``bus.py``: the notices every process hears: a run started, stop this run, close the
   followers of a session;
-- ``queues.py``: the messages waiting for a session's run, as Redis lists.
+- ``queues.py``: the messages waiting for a session's run, as Redis lists;
+- ``broker.py``: :class:`~navi_trio.cluster.broker.RedisBroker`, the broker seam
+  (``navi_trio/broker.py``) made of these for one process, and ``RemoteRun``, its view of
+  a run another process plays.
 """

@@ -18,42 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final, cast
 
-import attrs
 import coredis
 import trio
 
+from ..broker import NOTICE_KINDS, Notice
 from .redis import Client, Keys
 
 #: Entries the bus keeps (a process reads it continuously: this is only a bound).
 BUS_MAXLEN: Final = 10_000
-KINDS: Final = frozenset({"run_started", "stop", "close"})
-
-
-@attrs.frozen
-class Notice:
-    kind: str
-    session_id: str
-    run_id: str = ""
-    #: run_started: the process playing the run.
-    owner: str = ""
-    #: stop: the reason; close: the close reason.
-    reason: str = ""
-    #: close: the WebSocket close code.
-    code: int = 0
-
-    def fields(self) -> dict[str, str]:
-        return {
-            "k": self.kind,
-            "s": self.session_id,
-            "r": self.run_id,
-            "o": self.owner,
-            "x": self.reason,
-            "c": str(self.code),
-        }
-
-    @classmethod
-    def from_fields(cls, f: dict[str, str]) -> Notice:
-        return cls(f["k"], f["s"], f.get("r", ""), f.get("o", ""), f.get("x", ""), int(f.get("c", "0")))
 
 
 class Bus:
@@ -65,7 +37,7 @@ class Bus:
 
     async def publish(self, notice: Notice) -> None:
         """Tell every process (this one too). Cancellation: one ``XADD``, sent or not."""
-        if notice.kind not in KINDS:
+        if notice.kind not in NOTICE_KINDS:
             raise ValueError(f"unknown notice {notice.kind!r}")
         await self._client.xadd(
             self.key,

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Final
 
-import attrs
 import coredis
 
+from ..broker import Holder as Holder  # re-exported: a lease names its holder
 from .redis import Client, Keys
 
 #: NAVI_LEASE_S's default.
@@ -41,23 +41,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-@attrs.frozen
-class Holder:
-    """Who holds a session: a run, and the process that plays it."""
-
-    run_id: str
-    owner: str
-
-    @property
-    def value(self) -> str:
-        return f"{self.run_id} {self.owner}"
-
-    @classmethod
-    def parse(cls, value: str) -> Holder:
-        run_id, _, owner = value.partition(" ")
-        return cls(run_id, owner)
 
 
 class Leases:

@@ -14,7 +14,7 @@ import attrs
 import coredis
 import coredis.exceptions
 
-from ..errors import NaviError
+from ..broker import BrokerUnavailable
 
 Client: TypeAlias = "coredis.Redis[str]"
 
@@ -22,7 +22,7 @@ Client: TypeAlias = "coredis.Redis[str]"
 CONNECTION_ERRORS = (coredis.exceptions.ConnectionError, TimeoutError, OSError)
 
 
-class RedisUnavailable(NaviError):
+class RedisUnavailable(BrokerUnavailable):
     """Redis could not be reached or stopped answering; ``str(exc)`` names it for the user
     (never the URL: it may carry a password)."""
 

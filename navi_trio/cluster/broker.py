@@ -1,10 +1,10 @@
-"""One process's part in a cluster: the async, by-id half of the Redis broker.
+"""The Redis broker: the :class:`~navi_trio.broker.Broker` that makes processes one server.
 
-The in-process broker (``broker.py``) can be synchronous because everything it speaks of
-is a local object. Across processes a claim is a round trip and a run played elsewhere is
-no local :class:`~navi_trio.lifecycle.Run`, so this node speaks of runs by id:
+Each part of the seam is one small module of Redis keys (``lease.py``, ``stream.py``,
+``bus.py``, ``queues.py``); this one puts them together for one process (``owner`` names
+it in leases and notices):
 
-- **its own runs**: :meth:`ClusterNode.claim` takes the session's lease; :meth:`own`
+- **its own runs**: :meth:`RedisBroker.claim` takes the session's lease; :meth:`own`
   mirrors the run's log into its stream (a subscriber of the run like any connection,
   whose writer is a task that appends batches: the run never waits for Redis), renews the
   lease while the run lives and announces it on the bus; :meth:`finish` waits until the
@@ -15,35 +15,42 @@ no local :class:`~navi_trio.lifecycle.Run`, so this node speaks of runs by id:
   :class:`~navi_trio.fanout.FanOut` over a :class:`~navi_trio.cluster.stream.MirrorLog`
   fed by a task that reads the run's stream, so a connection subscribes to it, replays,
   resumes and catches up exactly as from a local run;
-- **stops from anywhere**: :meth:`stop` asks the session's run to stop wherever it plays
-  (a ``stop`` notice on the bus) and returns once the run's stream says it is settled;
+- **stops from anywhere**: :meth:`request_stop` is a ``stop`` notice on the bus, which the
+  process playing the run acts on;
 - **dead owners**: :meth:`sweep` finds runs whose lease has expired and ends each once in
   the cluster (``stream_stopped`` reason ``shutdown``), handing the rebuilt log to
   ``on_orphan`` to save its answer ``interrupted``.
+
+A lost Redis raises :class:`~navi_trio.cluster.redis.RedisUnavailable` (a
+:class:`~navi_trio.broker.BrokerUnavailable`) from every method of the seam.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Final
 
 import coredis.exceptions
 import structlog
 import trio
 
+from ..broker import Holder, Notice, OnNotice, OnOrphan, Watched
 from ..events import Event, RunLog
 from ..fanout import FanOut, Subscriber, WireFlush
-from .bus import Bus, Notice
-from .lease import Holder, Leases
+from .bus import Bus
+from .lease import Leases
 from .queues import Queues
-from .redis import CONNECTION_ERRORS, Client, Keys, RedisUnavailable
+from .redis import CONNECTION_ERRORS, Client, Keys, RedisUnavailable, connect
 from .stream import MirrorLog, RunStream, RunTakenOver, StreamReader, end_orphan, ended_unsettled, rebuild
 
 if TYPE_CHECKING:
     from ..admission import Queued
     from ..lifecycle import Run
+    from ..settings import Settings
 
 log = structlog.get_logger("navi_trio.cluster")
 
@@ -51,11 +58,27 @@ log = structlog.get_logger("navi_trio.cluster")
 REDIS_DOWN: Final = (*CONNECTION_ERRORS, RedisUnavailable)
 #: How often a task that lost Redis tries again.
 RETRY_S: Final = 0.5
+#: How often the messages waiting behind this process's runs are counted.
+QUEUED_COUNT_S: Final = 1.0
 #: Bound on saving an orphaned run's answer and settling it (a sweep must not hang).
 ORPHAN_SAVE_S: Final = 10.0
 
-OnNotice = Callable[[Notice], None]
-OnOrphan = Callable[[str, str, RunLog], Awaitable[None]]
+
+def _nobody(notice: Notice) -> None:
+    pass
+
+
+async def _unsaved(session_id: str, answer_id: str, run_log: RunLog) -> None:  # noqa: ASYNC124 (an OnOrphan)
+    log.error("cluster.orphan_not_saved", session_id=session_id)
+
+
+@contextlib.contextmanager
+def _redis_errors() -> Iterator[None]:
+    """What the seam's callers see of a lost Redis: :class:`RedisUnavailable`."""
+    try:
+        yield
+    except CONNECTION_ERRORS as exc:
+        raise RedisUnavailable(f"Redis is unreachable: {exc or type(exc).__name__}") from exc
 
 
 def redis_lost_message(exc: BaseException) -> str:
@@ -80,7 +103,7 @@ class RemoteRun(FanOut):
         #: Set once its first event has been read.
         self.first = trio.Event()
         #: How a stop asked here reaches the process that plays it.
-        self.on_cancel: Callable[[RemoteRun, str], None] | None = None
+        self.on_cancel: Callable[[Watched, str], None] | None = None
 
     def cancel(self, reason: str) -> None:
         """Ask the run to stop (wherever it plays); ``done`` says when it has."""
@@ -141,8 +164,8 @@ class _Owned:
         self.flushed = trio.Event()
 
 
-class ClusterNode:
-    """This process's view of the cluster (``owner`` names it in leases and notices)."""
+class RedisBroker:
+    """One process's end of the Redis broker (``owner`` names it in leases and notices)."""
 
     def __init__(
         self,
@@ -152,8 +175,6 @@ class ClusterNode:
         *,
         lease_s: float,
         max_run_events: int,
-        on_notice: OnNotice,
-        on_orphan: OnOrphan,
     ) -> None:
         self._client = client
         self.keys = keys
@@ -163,12 +184,22 @@ class ClusterNode:
         self.leases = Leases(client, keys, owner, lease_s)
         self.queues = Queues(client, keys, owner, self.leases.lease_ms)
         self.bus = Bus(client, keys)
-        self._on_notice = on_notice
-        self._on_orphan = on_orphan
+        self._on_notice: OnNotice = _nobody
+        self._on_orphan: OnOrphan = _unsaved
         self._owned: dict[str, _Owned] = {}
+        #: The messages waiting behind this process's runs, as last counted.
+        self._queued_count = 0
         self._nursery: trio.Nursery | None = None
         #: False while Redis does not answer (then ``/healthz`` answers 503).
         self.healthy = True
+
+    @property
+    def queued_count(self) -> int:
+        return self._queued_count
+
+    def bind(self, on_notice: OnNotice, on_orphan: OnOrphan) -> None:
+        self._on_notice = on_notice
+        self._on_orphan = on_orphan
 
     @property
     def _runs_key(self) -> str:
@@ -190,6 +221,7 @@ class ClusterNode:
             cursor = await self.bus.cursor()
             nursery.start_soon(self._listen_forever, cursor)
             nursery.start_soon(self._sweep_forever)
+            nursery.start_soon(self._count_queued_forever)
             task_status.started()
 
     def _lost(self, exc: BaseException) -> None:
@@ -237,10 +269,26 @@ class ClusterNode:
             except REDIS_DOWN as exc:
                 self._lost(exc)
 
-    # -- its own runs ------------------------------------------------------------------
+    async def _count_queued_forever(self) -> None:
+        """Count what waits behind this process's runs, once a second (for ``/metrics``)."""
+        while True:
+            await trio.sleep(QUEUED_COUNT_S)
+            sessions = {owned.run.session_id for owned in self._owned.values()}
+            with contextlib.suppress(*REDIS_DOWN):
+                total = 0
+                for session_id in sessions:
+                    total += await self._client.llen(self.keys.queue(session_id))
+                self._queued_count = total
+
+    # -- ownership ---------------------------------------------------------------------
+    async def holder(self, session_id: str) -> Holder | None:
+        with _redis_errors():
+            return await self.leases.holder(session_id)
+
     async def claim(self, session_id: str, run_id: str) -> bool:
         """Make ``run_id`` (to be played here) the session's run, cluster-wide."""
-        return await self.leases.claim(session_id, run_id)
+        with _redis_errors():
+            return await self.leases.claim(session_id, run_id)
 
     async def own(self, run: Run) -> None:
         """A run claimed here: record it, mirror its log into its stream, renew its lease,
@@ -257,8 +305,9 @@ class ClusterNode:
         self._owned[run.id] = owned
         self._nursery.start_soon(self._write, owned)
         self._nursery.start_soon(self._renew, owned)
-        await self._client.hset(self._runs_key, {run.id: f"{run.session_id} {run.answer_id}"})
-        await self.bus.publish(Notice("run_started", run.session_id, run.id, owner=self.owner))
+        with _redis_errors():
+            await self._client.hset(self._runs_key, {run.id: f"{run.session_id} {run.answer_id}"})
+            await self.bus.publish(Notice("run_started", run.session_id, run.id, owner=self.owner))
 
     async def _write(self, owned: _Owned) -> None:
         """Append what the run published, a batch per round trip, until its terminal event."""
@@ -305,7 +354,9 @@ class ClusterNode:
         Cancellation: the caller's shielded cleanup runs it; a cancel leaves the lease to
         expire and the sweep to settle the run.
         """
-        owned = self._owned.pop(run.id)
+        owned = self._owned.pop(run.id, None)
+        if owned is None:
+            return None  # never owned here: nothing of it is in Redis
         await owned.flushed.wait()
         run.unsubscribe(owned.sub)
         successor_id = uuid.uuid4().hex
@@ -326,7 +377,7 @@ class ClusterNode:
         return passed, successor_id
 
     # -- runs played elsewhere ---------------------------------------------------------
-    async def watch(self, session_id: str, run_id: str, *, task_status: trio.TaskStatus[RemoteRun]) -> None:  # noqa: ASYNC114
+    async def watch(self, session_id: str, run_id: str, *, task_status: trio.TaskStatus[Watched]) -> None:  # noqa: ASYNC114
         """Follow a run played elsewhere: ``started`` at once with its :class:`RemoteRun`
         (a follower subscribes now and gets every event as it is read; an attach or a
         resume waits for ``remote.first`` so its replay has the run's ``stream_start``),
@@ -366,10 +417,30 @@ class ClusterNode:
             remote.publish(closing)
         mirror.settled = True
 
-    async def holder(self, session_id: str) -> Holder | None:
-        return await self.leases.holder(session_id)
+    # -- stop requests and notices -----------------------------------------------------
+    async def request_stop(self, session_id: str, run_id: str, reason: str) -> None:
+        """A ``stop`` notice: the process playing the run cancels it when it hears it."""
+        with _redis_errors():
+            await self.bus.publish(Notice("stop", session_id, run_id, reason=reason))
 
-    # -- stops from anywhere -----------------------------------------------------------
+    async def close_followers(self, session_id: str, code: int, reason: str) -> None:
+        with _redis_errors():
+            await self.bus.publish(Notice("close", session_id, owner=self.owner, reason=reason, code=code))
+
+    # -- queues ------------------------------------------------------------------------
+    async def queued(self, session_id: str) -> list[Queued]:
+        with _redis_errors():
+            return await self.queues.view(session_id)
+
+    async def enqueue(self, session_id: str, queued: Queued, at: int, *, holder: Holder | None, length: int) -> bool:
+        with _redis_errors():
+            return await self.queues.insert(session_id, queued, at, holder=holder, length=length)
+
+    async def forget_queue(self, session_id: str) -> list[Queued]:
+        with _redis_errors():
+            return await self.queues.forget(session_id)
+
+    # -- stops from anywhere, waited for -----------------------------------------------
     async def stop(self, session_id: str, reason: str) -> str | None:
         """Stop the session's run wherever it plays; return its id once it is settled
         (its terminal event in its stream, its answer saved), or None if none runs.
@@ -415,3 +486,22 @@ class ClusterNode:
                 await self._client.hdel(self._runs_key, [run_id])
             ended.append(run_id)
         return ended
+
+
+def owner_name() -> str:
+    """This process's name in holders and notices: host, pid, and a random part (a pid
+    is reused after a restart; a restarted process must not take a dead one's runs)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.asynccontextmanager
+async def open_redis_broker(settings: Settings) -> AsyncIterator[RedisBroker]:
+    """The Redis broker of ``settings.redis_url``, with its own connection pool.
+
+    Raises:
+        RedisUnavailable: Redis does not answer at startup (a startup failure).
+    """
+    async with connect(settings.redis_url) as client:
+        yield RedisBroker(
+            client, Keys(), owner_name(), lease_s=settings.lease_s, max_run_events=settings.max_run_events
+        )
