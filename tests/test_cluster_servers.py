@@ -24,6 +24,7 @@ from .helpers import Client, Server, assert_grammar, open_server, script, text_o
 from .pg import server_settings
 from .redis_server import RedisServer, running_redis
 from .test_auth import add_user
+from .test_metrics import runs, scrape, scrape_until, value
 
 # coredis leaves the anyio memory streams of a connection attempt that failed unclosed
 # (collected later with a ResourceWarning): its own leak, not ours, and only on failures.
@@ -310,3 +311,24 @@ async def test_redis_lost_ends_the_run_with_an_error_naming_it_on_every_server_a
             after = await follower.until_terminal()
         assert after[-1]["type"] == "stream_end" and text_of(after) == "again"
     gc.collect()  # coredis's streams of the failed reconnects warn now, under this module's filter
+
+
+async def test_each_server_counts_the_runs_it_plays_and_what_waits_behind_them(
+    own_redis: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    async with two_servers(own_redis, database_url, tmp_path) as (a, b), long_run(a) as (sid, sender):
+        async with b.connect(sid) as other:
+            await other.recv()
+            await other.send_message(script({"text": "queued"}), if_running="enqueue")
+            await scrape_until(a, lambda s: value(s, "navi_messages_queued") == 1)
+            assert value(await scrape(b), "navi_messages_queued") == 0, "b plays no run"
+            r = await b.http.post(f"/sessions/{sid}/stop")
+            assert r.json()["ok"] is True
+            with trio.fail_after(10):
+                await sender.until_terminal()  # stopped
+                await sender.until_terminal()  # the queued message's run, played by a
+        await a.no_run_left()
+        on_a = await scrape_until(a, lambda s: runs(s, "complete") == 1 and value(s, "navi_messages_queued") == 0)
+        assert runs(on_a, "stopped") == 1
+        on_b = await scrape(b)
+        assert runs(on_b, "stopped") == runs(on_b, "complete") == 0, "each run is counted once, by its player"

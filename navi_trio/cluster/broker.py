@@ -189,6 +189,7 @@ class RedisBroker:
         self._owned: dict[str, _Owned] = {}
         #: The messages waiting behind this process's runs, as last counted.
         self._queued_count = 0
+        self._recount = trio.Event()
         self._nursery: trio.Nursery | None = None
         #: False while Redis does not answer (then ``/healthz`` answers 503).
         self.healthy = True
@@ -270,9 +271,12 @@ class RedisBroker:
                 self._lost(exc)
 
     async def _count_queued_forever(self) -> None:
-        """Count what waits behind this process's runs, once a second (for ``/metrics``)."""
+        """Count what waits behind this process's runs (for ``/metrics``): once a second
+        (another process may queue behind them), and soon after a queue changed here."""
         while True:
-            await trio.sleep(QUEUED_COUNT_S)
+            with trio.move_on_after(QUEUED_COUNT_S):
+                await self._recount.wait()
+            self._recount = trio.Event()
             sessions = {owned.run.session_id for owned in self._owned.values()}
             with contextlib.suppress(*REDIS_DOWN):
                 total = 0
@@ -367,6 +371,7 @@ class RedisBroker:
                 await self.leases.release(run.session_id, run.id)
                 return None
             passed = await self.queues.pass_on(run.session_id, run.id, successor_id)
+            self._recount.set()
         except REDIS_DOWN as exc:
             self._lost(exc)
             return None  # its lease expires by itself; a sweep settles its stream
@@ -433,10 +438,12 @@ class RedisBroker:
             return await self.queues.view(session_id)
 
     async def enqueue(self, session_id: str, queued: Queued, at: int, *, holder: Holder | None, length: int) -> bool:
+        self._recount.set()
         with _redis_errors():
             return await self.queues.insert(session_id, queued, at, holder=holder, length=length)
 
     async def forget_queue(self, session_id: str) -> list[Queued]:
+        self._recount.set()
         with _redis_errors():
             return await self.queues.forget(session_id)
 
