@@ -204,6 +204,13 @@ class Broker(Protocol):
         keeps its ending)."""
         ...
 
+    async def stop_live(self, session_id: str, reason: str) -> tuple[Holder | None, bool]:
+        """A client's stop, in one step: who holds the session (None: nobody) and whether
+        its run is still live (its terminal event not out yet). A live run that another
+        process plays is asked to stop with ``reason`` in the same step; a run played
+        here is the caller's to cancel, in its own table."""
+        ...
+
     async def close_followers(self, session_id: str, code: int, reason: str) -> None:
         """Tell every other process to close its followers of the session."""
         ...
@@ -296,6 +303,13 @@ class InProcessBroker:
         run = self._owned.get(run_id)
         if run is not None:
             run.cancel(reason)
+
+    async def stop_live(self, session_id: str, reason: str) -> tuple[Holder | None, bool]:
+        holder = self._holders.get(session_id)
+        if holder is None:
+            return None, False
+        run = self._owned.get(holder.run_id)
+        return holder, run is None or not run.over  # every run here is the caller's to cancel
 
     async def close_followers(self, session_id: str, code: int, reason: str) -> None:
         pass  # no other process follows it

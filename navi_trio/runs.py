@@ -135,12 +135,16 @@ class RunRegistry:
                 if remote.over:
                     await remote.done.wait()
                     continue  # look again: a queued message's run may play now
-            run = self.local.active(session_id)
-            while run is not None and run.over:
-                await run.done.wait()
-                run = self.local.active(session_id)
-            return run
+            return await self._current_here(session_id)
         return None
+
+    async def _current_here(self, session_id: str) -> Run | None:
+        """:meth:`current` in this process's table: a run that is over is waited for."""
+        run = self.local.active(session_id)
+        while run is not None and run.over:
+            await run.done.wait()
+            run = self.local.active(session_id)
+        return run
 
     async def wait_idle(self) -> None:
         """Return once none of this process's runs is active (each ended and saved)."""
@@ -418,20 +422,39 @@ class RunRegistry:
         return self.local.stop(session_id, reason)
 
     async def stop_current(self, session_id: str) -> Run | None:
-        """A client's stop, wherever the run plays: cancel the run :meth:`current` gives
-        (one whose terminal event is already out is over, not stopped) and return it once
-        it has really ended, its answer saved; or ``None`` when nothing runs.
+        """A client's stop, wherever the run plays: stop the session's live run and
+        return it once it has really ended, its answer saved; or ``None`` when nothing
+        runs. A run whose terminal event is already out is over, not stopped: it is
+        waited for until settled, then whatever runs next (a queued message's run) is
+        the one stopped.
 
-        Cancellation: the run is cancelled before any wait, so a cancel of the caller
+        The look and, for a run played elsewhere, the stop request are one step of the
+        broker (:meth:`Broker.stop_live`), so a stop across processes costs one round
+        trip before the owner hears it.
+
+        Cancellation: the run is asked to stop before any wait, so a cancel of the caller
         only ends the wait; the run still ends and saves in its own shielded cleanup.
         """
         asked_at = trio.current_time()
-        run = await self.current(session_id)
-        if run is not None:
-            run.cancel("user")
+        for _ in range(ADMIT_TRIES):
+            try:
+                holder, live = await self.broker.stop_live(session_id, "user")
+            except BrokerUnavailable:
+                holder, live = None, False  # this process's own view
+            if holder is None or holder.owner == self.broker.owner:
+                run = await self._current_here(session_id)
+                if run is None:
+                    return None
+                run.cancel("user")
+            else:
+                run = await self._nursery.start(self._mirror, session_id, holder.run_id)
+                if not live:
+                    await run.done.wait()
+                    continue  # it was over: look again
             await run.done.wait()
             self.metrics.stop_answered(asked_at)
-        return run
+            return run
+        return None
 
     async def stop_anywhere(self, session_id: str, reason: str) -> Run | None:
         """A DELETE's stop, wherever the run plays; return the run (await ``done``)."""

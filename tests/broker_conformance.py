@@ -249,6 +249,23 @@ async def check_stop_requests(make: BrokerFactory) -> None:
         await broker.request_stop("a", run.id, "user")  # over: harmless
 
 
+async def check_stop_live_looks_at_the_run_played_here(make: BrokerFactory) -> None:
+    async with served(make) as (broker, _):
+        assert await broker.stop_live("a", "user") == (None, False), "nobody holds it"
+        run = await owned_run(broker, "a")
+        run.emit_text("x")
+        assert await broker.stop_live("a", "user") == (Holder(run.id, broker.owner), True)
+        assert not run.cancel_scope.cancel_called, "a run played here is the caller's to cancel"
+        run.end(How.COMPLETED)
+        with trio.fail_after(DELIVERY_S):
+            while (await broker.stop_live("a", "user"))[1]:  # noqa: ASYNC110 (the terminal event on its way)
+                await trio.sleep(0.005)
+        assert await broker.stop_live("a", "user") == (Holder(run.id, broker.owner), False), "over: not live"
+        assert not run.cancel_scope.cancel_called
+        assert await broker.finish(run) is None
+        assert await broker.stop_live("a", "user") == (None, False)
+
+
 async def check_run_started_notices(make: BrokerFactory) -> None:
     async with served(make) as (broker, rec):
         run = await owned_run(broker, "a")
@@ -286,6 +303,7 @@ CHECKS: tuple[Callable[[BrokerFactory], Awaitable[None]], ...] = (
     check_queues,
     check_a_queued_message_keeps_what_its_run_needs,
     check_stop_requests,
+    check_stop_live_looks_at_the_run_played_here,
     check_run_started_notices,
     check_queued_count,
     check_healthy,
@@ -364,6 +382,30 @@ async def check_watch_from_another_process(make: PairFactory) -> None:
         await eventually("a stop from b reaches a's run", lambda: other.cancel_scope.cancel_called)
 
 
+async def check_stop_live_from_another_process(make: PairFactory) -> None:
+    async with served_pair(make) as ((a, _), (b, rb)):
+        run = await owned_run(a, "s")
+        await eventually("a's run is in its stream", lambda: any(n.run_id == run.id for n in rb.notices))
+        assert await b.stop_live("s", "deleted") == (Holder(run.id, a.owner), True)
+        await eventually("the stop reached a's run in the same step", lambda: run.cancel_scope.cancel_called)
+        assert run.stop_reason == "deleted"
+        run.end(How.CANCELLED)
+        assert await a.finish(run) is None
+        later = await owned_run(a, "t")
+        later.end(How.COMPLETED)
+        async with trio.open_nursery() as nursery:
+            view: Watched = await nursery.start(b.watch, "t", later.id)
+            await eventually("b reads a's run to its terminal event", lambda: view.over)
+            assert await b.stop_live("t", "user") == (Holder(later.id, a.owner), False), "over: not live"
+            assert await a.finish(later) is None
+            with trio.fail_after(DELIVERY_S):
+                await view.done.wait()
+        assert await b.stop_live("t", "user") == (None, False)
+        assert later.stop_reason is None, "a run already over is not asked to stop"
+        stops = [n for n in rb.notices if n.kind == "stop"]
+        assert [n.run_id for n in stops] == [run.id], "one stop notice, for the live run only"
+
+
 async def check_close_notices_reach_other_processes(make: PairFactory) -> None:
     async with served_pair(make) as ((a, _), (_, rb)):
         await a.close_followers("s", 4004, "Session deleted")
@@ -375,6 +417,7 @@ async def check_close_notices_reach_other_processes(make: PairFactory) -> None:
 CROSS_PROCESS_CHECKS: tuple[Callable[[PairFactory], Awaitable[None]], ...] = (
     check_one_run_per_session_across_processes,
     check_watch_from_another_process,
+    check_stop_live_from_another_process,
     check_close_notices_reach_other_processes,
 )
 

@@ -41,11 +41,11 @@ import trio
 from ..broker import Holder, Notice, OnNotice, OnOrphan, Watched
 from ..events import Event, RunLog
 from ..fanout import FanOut, Subscriber, WireFlush
-from .bus import Bus
+from .bus import BUS_MAXLEN, Bus
 from .lease import Leases
 from .queues import Queues
 from .redis import CONNECTION_ERRORS, Client, Keys, RedisUnavailable, connect
-from .stream import MirrorLog, RunStream, RunTakenOver, StreamReader, end_orphan, ended_unsettled, rebuild
+from .stream import OVER_LUA, MirrorLog, RunStream, RunTakenOver, StreamReader, end_orphan, ended_unsettled, rebuild
 
 if TYPE_CHECKING:
     from ..admission import Queued
@@ -58,6 +58,25 @@ log = structlog.get_logger("navi_trio.cluster")
 REDIS_DOWN: Final = (*CONNECTION_ERRORS, RedisUnavailable)
 #: How often a task that lost Redis tries again.
 RETRY_S: Final = 0.5
+# KEYS: the session's lease, the bus. ARGV: the asker, the reason, the log keys' prefix,
+# the bus bound, the session. Returns false (nobody holds the session), or {holder, live}:
+# live is 1 if the run's terminal event is not in its stream yet; then, if another process
+# plays it, the stop notice is on the bus, sent in the same step as the look.
+_STOP_LIVE: Final = (
+    OVER_LUA
+    + """
+local holder = redis.call('GET', KEYS[1])
+if not holder then return false end
+local space = string.find(holder, ' ', 1, true)
+local run_id, owner = string.sub(holder, 1, space - 1), string.sub(holder, space + 1)
+if over(redis.call('XREVRANGE', ARGV[3] .. run_id, '+', '-', 'COUNT', 1)) then return {holder, 0} end
+if owner ~= ARGV[1] then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
+    'k', 'stop', 's', ARGV[5], 'r', run_id, 'o', '', 'x', ARGV[2], 'c', '0')
+end
+return {holder, 1}
+"""
+)
 #: How often the messages waiting behind this process's runs are counted.
 QUEUED_COUNT_S: Final = 1.0
 #: Bound on saving an orphaned run's answer and settling it (a sweep must not hang).
@@ -184,6 +203,7 @@ class RedisBroker:
         self.leases = Leases(client, keys, owner, lease_s)
         self.queues = Queues(client, keys, owner, self.leases.lease_ms)
         self.bus = Bus(client, keys)
+        self._stop_live = client.register_script(_STOP_LIVE)
         self._on_notice: OnNotice = _nobody
         self._on_orphan: OnOrphan = _unsaved
         self._owned: dict[str, _Owned] = {}
@@ -427,6 +447,17 @@ class RedisBroker:
         """A ``stop`` notice: the process playing the run cancels it when it hears it."""
         with _redis_errors():
             await self.bus.publish(Notice("stop", session_id, run_id, reason=reason))
+
+    async def stop_live(self, session_id: str, reason: str) -> tuple[Holder | None, bool]:
+        """One atomic script: who holds the session, whether its run is still live, and,
+        if it is and another process plays it, the stop notice, sent in the same step."""
+        keys = [self.keys.lease(session_id), self.keys.bus]
+        args: list[str | int] = [self.owner, reason, self.keys.log(""), BUS_MAXLEN, session_id]
+        with _redis_errors():
+            got: list[str | int] | None = await self._stop_live(keys=keys, args=args)
+        if not got:
+            return None, False
+        return Holder.parse(str(got[0])), bool(got[1])
 
     async def close_followers(self, session_id: str, code: int, reason: str) -> None:
         with _redis_errors():

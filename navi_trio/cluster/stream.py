@@ -40,20 +40,31 @@ _SLACK: Final = 64
 # KEYS[1] the stream. ARGV: expected top seq, maxlen, first seq, then (type, wire) each.
 # Returns 1 (appended), 0 (a terminal event is in already), -1 (the top is not the
 # expected seq: someone else appended).
-_APPEND: Final = """
-local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local top_seq = 0
-if #top > 0 then
-  local id = top[1][1]
-  if id == '1-0' then return 0 end
+#: Lua: ``over(top)``, whether a stream's top entry (from ``XREVRANGE ... COUNT 1``) says
+#: the run is over: settled (``1-0``) or a terminal event. Shared by every script that asks.
+OVER_LUA: Final = """
+local function over(top)
+  if #top == 0 then return false end
+  if top[1][1] == '1-0' then return true end
   local fields = top[1][2]
   for i = 1, #fields, 2 do
     if fields[i] == 't' and (fields[i + 1] == 'stream_end' or fields[i + 1] == 'stream_stopped'
         or fields[i + 1] == 'error') then
-      return 0
+      return true
     end
   end
-  top_seq = tonumber(string.sub(id, 3))
+  return false
+end
+"""
+
+_APPEND: Final = (
+    OVER_LUA
+    + """
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local top_seq = 0
+if #top > 0 then
+  if over(top) then return 0 end
+  top_seq = tonumber(string.sub(top[1][1], 3))
 end
 if top_seq ~= tonumber(ARGV[1]) then return -1 end
 local seq = tonumber(ARGV[3])
@@ -63,6 +74,7 @@ for i = 4, #ARGV, 2 do
 end
 return 1
 """
+)
 
 
 class RunTakenOver(NaviError):
