@@ -1,9 +1,11 @@
 """Two navi-trio servers as one (CONTRACT section 9): real hypercorn servers on loopback
 sharing one real redis-server (the test's own) and one real PostgreSQL database.
 
-Both servers run in this test's process (each with its own Redis connection, registry and
-nursery, as two processes would have); ``tests/test_cluster_processes.py`` runs separate
-``navi-trio serve`` processes.
+Each test that speaks only HTTP and WebSocket runs twice: with both servers in this
+test's process (each with its own Redis connection, registry and nursery, as two
+processes would have; a test may then look inside), and as two separate
+``navi-trio serve`` processes (``processes``). ``tests/test_cluster_processes.py`` kills
+and stops such processes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import gc
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import attrs
+import httpx
 import psycopg
 import pytest
 import trio
@@ -24,6 +29,7 @@ from .helpers import Client, Server, assert_grammar, open_server, script, text_o
 from .pg import server_settings
 from .redis_server import RedisServer, running_redis
 from .test_auth import add_user
+from .test_cli import NAVI, ServerProcess, clean_env, spawn, ws_connect
 from .test_metrics import runs, scrape, scrape_until, value
 
 # coredis leaves the anyio memory streams of a connection attempt that failed unclosed
@@ -39,10 +45,55 @@ def own_redis() -> Iterator[RedisServer]:
         yield server
 
 
+@attrs.define(eq=False)
+class ServeProcess:
+    """A ``navi-trio serve`` process, with what a test of the contract uses of a
+    :class:`~tests.helpers.Server`: an HTTP client, WebSockets, new sessions."""
+
+    proc: ServerProcess
+    http: httpx.AsyncClient
+
+    async def new_session(self, title: str | None = None) -> str:
+        r = await self.http.post("/sessions", json={} if title is None else {"title": title})
+        assert r.status_code == 201, r.text
+        sid: str = r.json()["id"]
+        return sid
+
+    @contextlib.asynccontextmanager
+    async def connect(self, session_id: str, query: str = "") -> AsyncIterator[Client]:
+        path = f"/ws/sessions/{session_id}" + (f"?{query}" if query else "")
+        async with ws_connect(*self.proc.host_port, path) as client:
+            yield client
+
+
+@contextlib.asynccontextmanager
+async def serve_process(env: dict[str, str], data_dir: Path) -> AsyncIterator[ServeProcess]:
+    cmd = [NAVI, "serve", "--port", "0", "--data-dir", str(data_dir), "--agent", "scripted"]
+    async with spawn(cmd, env, data_dir.parent) as proc:
+        await proc.wait_listening()
+        async with httpx.AsyncClient(base_url=proc.url, trust_env=False, timeout=30) as http:
+            yield ServeProcess(proc, http)
+
+
+#: How the two servers run: in this test's process, or as two ``navi-trio serve``.
+KINDS = ("servers", "processes")
+
+
 @contextlib.asynccontextmanager
 async def two_servers(
-    redis: RedisServer, database_url: str, data_dir: Path, lease_s: float = 10.0
-) -> AsyncIterator[tuple[Server, Server]]:
+    redis: RedisServer, database_url: str, data_dir: Path, lease_s: float = 10.0, kind: str = "servers"
+) -> AsyncIterator[tuple[Any, Any]]:
+    if kind == "processes":
+        env = clean_env(
+            NAVI_REDIS_URL=redis.url,
+            NAVI_DATABASE_URL=database_url,
+            NAVI_LEASE_S=str(lease_s),
+            NAVI_GRACE_S="1",
+            NAVI_SAVE_TIMEOUT_S="2",
+        )
+        async with serve_process(env, data_dir) as pa, serve_process(env, data_dir) as pb:
+            yield pa, pb
+        return
     common = {
         **server_settings(database_url, data_dir),
         "redis_url": redis.url,
@@ -53,10 +104,11 @@ async def two_servers(
         yield a, b
 
 
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_run_is_followed_live_from_the_other_server(
-    own_redis: RedisServer, database_url: str, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path, kind: str
 ) -> None:
-    async with two_servers(own_redis, database_url, tmp_path) as (a, b):
+    async with two_servers(own_redis, database_url, tmp_path, kind=kind) as (a, b):
         sid = await a.new_session()
         async with b.connect(sid) as follower, a.connect(sid) as sender:
             assert (await follower.recv())["type"] == "session_sync"
@@ -70,10 +122,11 @@ async def test_a_run_is_followed_live_from_the_other_server(
         assert seen[0]["run_id"] == sent[0]["run_id"]
 
 
+@pytest.mark.parametrize("kind", KINDS)
 async def test_attach_and_resume_by_seq_on_the_other_server(
-    own_redis: RedisServer, database_url: str, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path, kind: str
 ) -> None:
-    async with two_servers(own_redis, database_url, tmp_path) as (a, b):
+    async with two_servers(own_redis, database_url, tmp_path, kind=kind) as (a, b):
         sid = await a.new_session()
         async with a.connect(sid) as sender:
             await sender.recv()
@@ -113,10 +166,11 @@ async def long_run(server: Server) -> AsyncIterator[tuple[str, Client]]:
         yield sid, sender
 
 
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_stop_asked_on_the_other_server_answers_once_the_answer_is_saved(
-    own_redis: RedisServer, database_url: str, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path, kind: str
 ) -> None:
-    async with two_servers(own_redis, database_url, tmp_path) as (a, b), long_run(a) as (sid, sender):
+    async with two_servers(own_redis, database_url, tmp_path, kind=kind) as (a, b), long_run(a) as (sid, sender):
         with trio.fail_after(10):
             r = await b.http.post(f"/sessions/{sid}/stop")
         assert r.status_code == 200 and r.json()["ok"] is True
@@ -132,13 +186,14 @@ async def test_a_stop_asked_on_the_other_server_answers_once_the_answer_is_saved
         assert r.json()["ok"] is False  # nothing runs any more, cluster-wide
 
 
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_stop_on_the_other_server_of_a_run_already_over_finds_no_run(
-    own_redis: RedisServer, database_url: str, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path, kind: str
 ) -> None:
     """As in one process: a run whose terminal event is out is over, not stopped. The stop
     waits for its answer to be saved (held here by a lock on the messages table, until
     the server's save gives up), then answers that nothing runs."""
-    async with two_servers(own_redis, database_url, tmp_path) as (a, b):
+    async with two_servers(own_redis, database_url, tmp_path, kind=kind) as (a, b):
         sid = await a.new_session()
         async with a.connect(sid) as sender:
             await sender.recv()
@@ -159,10 +214,11 @@ async def test_a_stop_on_the_other_server_of_a_run_already_over_finds_no_run(
         assert r.json() == {"ok": False, "reason": "no active run"}
 
 
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_delete_on_the_other_server_stops_the_run_and_closes_its_followers(
-    own_redis: RedisServer, database_url: str, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path, kind: str
 ) -> None:
-    async with two_servers(own_redis, database_url, tmp_path) as (a, b), long_run(a) as (sid, sender):
+    async with two_servers(own_redis, database_url, tmp_path, kind=kind) as (a, b), long_run(a) as (sid, sender):
         with trio.fail_after(10):
             r = await b.http.delete(f"/sessions/{sid}")
             assert r.status_code == 204
@@ -172,10 +228,11 @@ async def test_a_delete_on_the_other_server_stops_the_run_and_closes_its_followe
         assert code == 4004
 
 
+@pytest.mark.parametrize("kind", KINDS)
 async def test_two_messages_racing_on_two_servers_make_exactly_one_run(
-    own_redis: RedisServer, database_url: str, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path, kind: str
 ) -> None:
-    async with two_servers(own_redis, database_url, tmp_path) as (a, b):
+    async with two_servers(own_redis, database_url, tmp_path, kind=kind) as (a, b):
         for _ in range(5):
             sid = await a.new_session()
             async with a.connect(sid) as ca, b.connect(sid) as cb:
@@ -194,13 +251,14 @@ async def test_two_messages_racing_on_two_servers_make_exactly_one_run(
                 assert len(errors) == 1 and "already" in errors[0]["message"].lower(), errors
 
 
+@pytest.mark.parametrize("kind", KINDS)
 async def test_healthz_answers_503_while_redis_is_down_and_200_once_it_is_back(
-    own_redis: RedisServer, database_url: str, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path, kind: str
 ) -> None:
     async def health(srv: Server) -> int:
         return (await srv.http.get("/healthz")).status_code
 
-    async with two_servers(own_redis, database_url, tmp_path) as (a, b):
+    async with two_servers(own_redis, database_url, tmp_path, kind=kind) as (a, b):
         assert await health(a) == 200 and await health(b) == 200
         own_redis.stop()
         with trio.fail_after(10):
@@ -224,10 +282,11 @@ async def test_healthz_answers_503_while_redis_is_down_and_200_once_it_is_back(
     gc.collect()  # coredis's streams of the failed reconnects warn now, under this module's filter
 
 
+@pytest.mark.parametrize("kind", KINDS)
 async def test_enqueue_and_interrupt_asked_on_the_other_server(
-    own_redis: RedisServer, database_url: str, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path, kind: str
 ) -> None:
-    async with two_servers(own_redis, database_url, tmp_path) as (a, b), long_run(a) as (sid, sender):
+    async with two_servers(own_redis, database_url, tmp_path, kind=kind) as (a, b), long_run(a) as (sid, sender):
         async with b.connect(sid) as other:
             with trio.fail_after(10):
                 first = await other.until("replay_end")  # attached to the run that plays on a
@@ -282,11 +341,12 @@ async def test_a_server_checkpoints_its_own_runs_while_it_mirrors_anothers(
         assert (await b.http.get("/healthz")).status_code == 200
 
 
+@pytest.mark.parametrize("kind", KINDS)
 async def test_redis_lost_ends_the_run_with_an_error_naming_it_on_every_server_and_messages_are_refused(
-    own_redis: RedisServer, database_url: str, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path, kind: str
 ) -> None:
     async with (
-        two_servers(own_redis, database_url, tmp_path) as (a, b),
+        two_servers(own_redis, database_url, tmp_path, kind=kind) as (a, b),
         long_run(a) as (sid, sender),
         b.connect(sid) as follower,
     ):
@@ -313,10 +373,11 @@ async def test_redis_lost_ends_the_run_with_an_error_naming_it_on_every_server_a
     gc.collect()  # coredis's streams of the failed reconnects warn now, under this module's filter
 
 
+@pytest.mark.parametrize("kind", KINDS)
 async def test_each_server_counts_the_runs_it_plays_and_what_waits_behind_them(
-    own_redis: RedisServer, database_url: str, tmp_path: Path
+    own_redis: RedisServer, database_url: str, tmp_path: Path, kind: str
 ) -> None:
-    async with two_servers(own_redis, database_url, tmp_path) as (a, b), long_run(a) as (sid, sender):
+    async with two_servers(own_redis, database_url, tmp_path, kind=kind) as (a, b), long_run(a) as (sid, sender):
         async with b.connect(sid) as other:
             await other.recv()
             await other.send_message(script({"text": "queued"}), if_running="enqueue")
@@ -327,7 +388,6 @@ async def test_each_server_counts_the_runs_it_plays_and_what_waits_behind_them(
             with trio.fail_after(10):
                 await sender.until_terminal()  # stopped
                 await sender.until_terminal()  # the queued message's run, played by a
-        await a.no_run_left()
         on_a = await scrape_until(a, lambda s: runs(s, "complete") == 1 and value(s, "navi_messages_queued") == 0)
         assert runs(on_a, "stopped") == 1
         on_b = await scrape(b)
