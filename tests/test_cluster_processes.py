@@ -17,6 +17,7 @@ import trio
 from .helpers import assert_grammar, script, text_of
 from .redis_server import RedisServer, free_port, running_redis
 from .test_cli import NAVI, ServerProcess, clean_env, spawn, ws_connect
+from .test_postgres_server import navi_users
 
 LEASE_S = 1.0
 
@@ -128,3 +129,37 @@ async def test_redis_without_a_postgresql_database_is_refused_with_a_line_saying
 
 
 STARTUP_S = 30
+
+
+async def test_a_revocation_by_the_cli_closes_the_users_connections_on_every_process(
+    own_redis: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    """``navi-trio users revoke`` (a third process, on the same PostgreSQL) closes alice's
+    sockets on both servers with 4003, and her token stops working on both."""
+    env = clean_env(NAVI_DATABASE_URL=database_url, NAVI_AUTH="required")
+    out = await navi_users(env, tmp_path, "add", "alice")
+    token = out.strip().splitlines()[-1]
+    auth = {"Authorization": f"Bearer {token}"}
+    servers = clean_env(
+        NAVI_REDIS_URL=own_redis.url, NAVI_DATABASE_URL=database_url, NAVI_AUTH="required", NAVI_GRACE_S="0.5"
+    )
+    data = tmp_path / "data"
+    cmd = [NAVI, "serve", "--port", "0", "--data-dir", str(data), "--agent", "scripted"]
+    async with spawn(cmd, servers, tmp_path) as a, spawn(cmd, servers, tmp_path) as b:
+        await a.wait_listening()
+        await b.wait_listening()
+        async with httpx.AsyncClient(base_url=a.url, trust_env=False) as http:
+            r = await http.post("/sessions", json={}, headers=auth)
+            assert r.status_code == 201, r.text
+            sid = r.json()["id"]
+        path = f"/ws/sessions/{sid}?token={token}"
+        async with ws_connect(*a.host_port, path) as on_a, ws_connect(*b.host_port, path) as on_b:
+            assert (await on_a.recv())["type"] == "session_sync"
+            assert (await on_b.recv())["type"] == "session_sync"
+            await navi_users(env, tmp_path, "revoke", "alice")
+            with trio.fail_after(10):
+                assert await on_a.until_closed() == 4003
+                assert await on_b.until_closed() == 4003
+        for srv in (a, b):
+            async with httpx.AsyncClient(base_url=srv.url, trust_env=False) as http:
+                assert (await http.get("/sessions", headers=auth)).status_code == 401
