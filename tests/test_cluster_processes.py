@@ -163,3 +163,37 @@ async def test_a_revocation_by_the_cli_closes_the_users_connections_on_every_pro
         for srv in (a, b):
             async with httpx.AsyncClient(base_url=srv.url, trust_env=False) as http:
                 assert (await http.get("/sessions", headers=auth)).status_code == 401
+
+
+async def test_a_rolling_restart_the_clients_of_the_stopped_process_reconnect_elsewhere_and_resume(
+    own_redis: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    """A run plays on b; a client follows it on a; a is shut down (SIGTERM): the client is
+    closed with 1012 and resumes on b by ``run_id`` and ``after``, missing nothing."""
+    data = tmp_path / "data"
+    async with navi(own_redis, database_url, data) as a, navi(own_redis, database_url, data) as b:
+        sid = await new_session(b)
+        async with ws_connect(*b.host_port, f"/ws/sessions/{sid}") as sender:
+            await sender.recv()
+            async with ws_connect(*a.host_port, f"/ws/sessions/{sid}") as on_a:
+                assert (await on_a.recv())["type"] == "session_sync"
+                await sender.send_message(script({"text": "r", "repeat": 200, "delay": 0.01}))
+                with trio.fail_after(10):
+                    seen = await on_a.until("stream_delta")
+                    while len(seen) < 20:
+                        seen.append(await on_a.recv())
+                a.signal(signal.SIGTERM)
+                with trio.fail_after(15):
+                    code = await on_a.until_closed()
+            assert code == 1012, "Server restarting: reconnect elsewhere"
+            assert await a.wait_exit(15) == 0, a.output
+            run_id = seen[0]["run_id"]
+            after = max(e["seq"] for e in seen if "seq" in e)
+            async with ws_connect(*b.host_port, f"/ws/sessions/{sid}?run_id={run_id}&after={after}") as resumed:
+                with trio.fail_after(15):
+                    rest = await resumed.until_terminal()
+            with trio.fail_after(15):
+                whole = await sender.until_terminal()
+        assert rest[0]["type"] == "stream_start" and rest[0]["run_id"] == run_id
+        assert rest[-1]["type"] == "stream_end", "the run went on on b"
+        assert text_of(seen) + text_of(rest) == text_of(whole) == "r" * 200, "nothing missed, nothing twice"
