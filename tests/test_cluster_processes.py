@@ -29,9 +29,16 @@ def own_redis() -> Iterator[RedisServer]:
 
 
 @contextlib.asynccontextmanager
-async def navi(redis: RedisServer, database_url: str, data_dir: Path) -> AsyncIterator[ServerProcess]:
+async def navi(
+    redis: RedisServer, database_url: str, data_dir: Path, lease_s: float = LEASE_S, **env: str
+) -> AsyncIterator[ServerProcess]:
+    """A ``navi-trio serve`` process of the cluster, listening; ``env`` adds ``NAVI_*``."""
     env = clean_env(
-        NAVI_REDIS_URL=redis.url, NAVI_DATABASE_URL=database_url, NAVI_LEASE_S=str(LEASE_S), NAVI_GRACE_S="0.5"
+        NAVI_REDIS_URL=redis.url,
+        NAVI_DATABASE_URL=database_url,
+        NAVI_LEASE_S=str(lease_s),
+        NAVI_GRACE_S="0.5",
+        **env,
     )
     cmd = [NAVI, "serve", "--port", "0", "--data-dir", str(data_dir), "--agent", "scripted"]
     async with spawn(cmd, env, data_dir.parent) as srv:

@@ -81,9 +81,17 @@ KINDS = ("servers", "processes")
 
 @contextlib.asynccontextmanager
 async def two_servers(
-    redis: RedisServer, database_url: str, data_dir: Path, lease_s: float = 10.0, kind: str = "servers"
+    redis: RedisServer,
+    database_url: str,
+    data_dir: Path,
+    lease_s: float = 10.0,
+    kind: str = "servers",
+    **settings: Any,
 ) -> AsyncIterator[tuple[Any, Any]]:
+    """Two servers on ``redis`` and ``database_url``, as ``kind`` says; ``settings``
+    override the defaults (of servers in this process)."""
     if kind == "processes":
+        assert not settings, "processes take the defaults"
         env = clean_env(
             NAVI_REDIS_URL=redis.url,
             NAVI_DATABASE_URL=database_url,
@@ -99,6 +107,7 @@ async def two_servers(
         "redis_url": redis.url,
         "lease_s": lease_s,
         "grace_s": 1.0,
+        **settings,
     }
     async with open_server(**common) as a, open_server(**common) as b:
         yield a, b

@@ -39,6 +39,7 @@ import structlog
 import trio
 
 from ..broker import Holder, Notice, OnNotice, OnOrphan, Watched
+from ..errors import StoreError
 from ..events import Event, RunLog
 from ..fanout import FanOut, Subscriber, WireFlush
 from .bus import BUS_MAXLEN, Bus
@@ -356,9 +357,14 @@ class RedisBroker:
             owned.flushed.set()
 
     async def _renew(self, owned: _Owned) -> None:
+        """Renew the run's lease until :meth:`finish` takes it back: through its save too,
+        so a save that waits for a store outage never lets the lease lapse (another
+        process would take the run for a dead owner's)."""
         run = owned.run
-        while not run.over:
+        while self._owned.get(run.id) is owned:
             await trio.sleep(self.lease_s / 3)
+            if self._owned.get(run.id) is not owned:
+                return  # finished meanwhile: the lease was handed on or released
             try:
                 renewed = await self.leases.renew(run.session_id, run.id)
             except REDIS_DOWN as exc:
@@ -493,9 +499,28 @@ class RedisBroker:
         return holder.run_id
 
     # -- dead owners -------------------------------------------------------------------
+    async def _orphan_saved(self, run_id: str, session_id: str, answer_id: str, run_log: RunLog) -> bool:
+        """Save an orphan's answer through ``on_orphan``, bounded; False if the store
+        refused it or did not answer in time (the run stays unsettled: the next sweep
+        saves it again, so an answer refused during a store outage is kept once it is back).
+
+        Cancellation: shielded and bounded (a sweep's cleanup of a dead owner's run).
+        """
+        with trio.move_on_after(ORPHAN_SAVE_S, shield=True) as scope:
+            try:
+                await self._on_orphan(session_id, answer_id, run_log)
+            except StoreError as exc:
+                log.error("cluster.orphan_save_failed", run_id=run_id, error=str(exc))
+                return False
+        if scope.cancelled_caught:
+            log.error("cluster.orphan_save_timed_out", run_id=run_id, timeout_s=ORPHAN_SAVE_S)
+            return False
+        return True
+
     async def sweep(self) -> list[str]:
         """End every run whose owner's lease is gone (once in the cluster); the ids ended
-        here. Each is saved through ``on_orphan`` and then marked settled."""
+        here. Each is saved through ``on_orphan`` and then marked settled; one whose save
+        fails stays unsettled and is saved at a later sweep."""
         ended: list[str] = []
         runs: dict[str, str] = await self._client.hgetall(self._runs_key)
         for run_id, value in runs.items():
@@ -510,19 +535,18 @@ class RedisBroker:
                 # Ended already: if its owner died between its terminal event and settling
                 # it, save what it wrote (interrupted: the owner never saved it) and settle it.
                 unsettled = await ended_unsettled(self._client, self.keys, run_id)
-                if unsettled is not None:
-                    with trio.move_on_after(ORPHAN_SAVE_S, shield=True):
-                        await self._on_orphan(session_id, answer_id, unsettled)
+                if unsettled is not None and not await self._orphan_saved(run_id, session_id, answer_id, unsettled):
+                    continue  # the store refused: the next sweep tries again
                 with contextlib.suppress(coredis.exceptions.ResponseError):  # settled meanwhile
                     await RunStream(self._client, self.keys, run_id, self._max_events).settle()
                 await self._client.hdel(self._runs_key, [run_id])
                 continue
             log.info("cluster.orphan_ended", run_id=run_id, session_id=session_id)
-            with trio.move_on_after(ORPHAN_SAVE_S, shield=True):
-                await self._on_orphan(session_id, answer_id, closed)
-                await RunStream(self._client, self.keys, run_id, self._max_events).settle()
-                await self._client.hdel(self._runs_key, [run_id])
             ended.append(run_id)
+            if await self._orphan_saved(run_id, session_id, answer_id, closed):
+                with trio.move_on_after(ORPHAN_SAVE_S, shield=True):
+                    await RunStream(self._client, self.keys, run_id, self._max_events).settle()
+                    await self._client.hdel(self._runs_key, [run_id])
         return ended
 
 
