@@ -16,7 +16,7 @@ import trio
 
 from .helpers import assert_grammar, script, text_of
 from .redis_server import RedisServer, free_port, running_redis
-from .test_cli import NAVI, ServerProcess, clean_env, spawn, ws_connect
+from .test_cli import HYPERCORN, HYPERCORN_URL, NAVI, ServerProcess, clean_env, spawn, ws_connect
 from .test_postgres_server import navi_users
 
 LEASE_S = 1.0
@@ -204,3 +204,44 @@ async def test_a_rolling_restart_the_clients_of_the_stopped_process_reconnect_el
         assert rest[0]["type"] == "stream_start" and rest[0]["run_id"] == run_id
         assert rest[-1]["type"] == "stream_end", "the run went on on b"
         assert text_of(seen) + text_of(rest) == text_of(whole) == "r" * 200, "nothing missed, nothing twice"
+
+
+async def test_hypercorn_workers_are_one_server(own_redis: RedisServer, database_url: str, tmp_path: Path) -> None:
+    """``hypercorn --workers 2`` with Redis and PostgreSQL: the workers share the socket,
+    so each new connection lands on either; whichever a follower, a sender and a rival
+    sender land on, the follower sees the run live and the session has exactly one run.
+    (Without the cluster, half of these connections would see another server.)"""
+    port = free_port()
+    env = clean_env(
+        NAVI_REDIS_URL=own_redis.url,
+        NAVI_DATABASE_URL=database_url,
+        NAVI_DATA_DIR=str(tmp_path / "data"),
+        NAVI_PORT=str(port),
+        NAVI_GRACE_S="0.5",
+    )
+    cmd = [HYPERCORN, "--workers", "2", "--config", "python:navi_trio.hypercorn_conf", "navi_trio.asgi:app"]
+    async with spawn(cmd, env, tmp_path, ready=HYPERCORN_URL) as srv:
+        url = await srv.wait_listening()
+        host, port_ = url.removeprefix("http://").rsplit(":", 1)
+        for i in range(8):  # bounded: sessions, each over new connections
+            async with httpx.AsyncClient(base_url=url, trust_env=False) as http:
+                r = await http.post("/sessions", json={})
+                assert r.status_code == 201, r.text
+                sid = r.json()["id"]
+            path = f"/ws/sessions/{sid}"
+            async with (
+                ws_connect(host, int(port_), path) as follower,
+                ws_connect(host, int(port_), path) as sender,
+                ws_connect(host, int(port_), path) as rival,
+            ):
+                for c in (follower, sender, rival):
+                    assert (await c.recv())["type"] == "session_sync"
+                await sender.send_message(script({"text": f"w{i} ", "repeat": 20, "delay": 0.02}))
+                with trio.fail_after(20):
+                    first = await follower.until("stream_delta")  # the run plays, seen live
+                    await rival.send_message(script({"text": "rival"}))
+                    refused = await rival.until("error")
+                    seen = first + await follower.until_terminal()
+                assert "already running" in refused[-1]["message"], refused[-1]
+                assert seen[-1]["type"] == "stream_end"
+                assert text_of(seen) == f"w{i} " * 20, "one run, followed live from its start"
