@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 import trio
 
+from . import uploads
 from .agents import make_agent
 from .agents.pacing import Pacer
 from .broker import InProcessBroker
@@ -45,6 +46,8 @@ STATE_KEY: Final = "navi"
 #: How soon a revoked user's open connections are closed (``navi-trio users revoke``
 #: runs in another process, so the server looks at the store).
 REVOCATION_POLL_S: Final = 1.0
+#: How often a cluster's process removes its copies of uploads of sessions deleted elsewhere.
+UPLOAD_SWEEP_S: Final = 60.0
 #: WebSocket close code once the server cannot go on (RFC 6455 "internal error").
 CLOSE_INTERNAL_ERROR: Final = 1011
 
@@ -191,6 +194,9 @@ class NaviApp:
             recovered = await store.recover_interrupted()
             if recovered:
                 log.warning("store.recovered_interrupted_answers", count=recovered)
+        else:
+            # A session deleted on another process leaves this one's copies of its uploads.
+            server_nursery.start_soon(uploads.sweep_forever, store, UPLOAD_SWEEP_S)
         await server_nursery.start(registry.serve_broker)
         server_nursery.start_soon(registry.serve_checkpoints, settings.checkpoint_s)
         server_nursery.start_soon(registry.serve_revocations, REVOCATION_POLL_S)

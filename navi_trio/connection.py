@@ -377,6 +377,7 @@ class Connection:
                 max_chars=self._max_message_chars,
                 uploads_root=self._uploads_root,
                 session_owner=self._session_owner,
+                store=self.registry.store,
             )
             await self.registry.admit(request, if_running)
         except RunAlreadyActive:

@@ -19,7 +19,7 @@ import trio
 
 from . import uploads
 from .auth import AccessDenied, AuthError, authenticate, bearer_token, check_access
-from .errors import StoreError
+from .errors import SessionGone, StoreError
 from .responses import RawBody, RequestBody, send_json
 from .store import find_session
 
@@ -234,7 +234,7 @@ class HttpApi:
         run = await self.registry.stop_anywhere(sid, "deleted")
         if run is not None:
             await run.done.wait()
-        await self.store.delete_session(sid)
+        await self.store.delete_session(sid)  # and the store's copies of its uploads
         # A message that came while the delete was written started a run: stop that too
         # (one that comes later finds the session gone and ends as deleted, runs.py).
         run = await self.registry.stop_anywhere(sid, "deleted")
@@ -261,9 +261,9 @@ class HttpApi:
         body = await read_body(receive, limit, too_large)
         folder = uploads.session_dir(self.settings.data_dir, session.user_id, session.id)
         try:
-            saved = await trio.to_thread.run_sync(
-                uploads.save_upload, self.settings.data_dir, session.user_id, session.id, name, body
-            )
+            saved = await uploads.save(self.store, self.settings.data_dir, session.user_id, session.id, name, body)
+        except SessionGone:  # the store keeps uploads and the session was deleted meanwhile
+            raise HTTPError(404, "Session not found") from None
         except OSError as exc:  # full, read-only, or not a directory: the store's answer
             log.warning("upload.not_saved", session_id=session.id, error=str(exc))
             raise HTTPError(503, "Storage cannot take this upload; try again later.") from None

@@ -359,6 +359,12 @@ async def live(
         run.play()
         with run.cancel_scope:
             await trio.lowlevel.checkpoint_if_cancelled()  # stopped while saving: play nothing
+            if run.request.upload_dir is not None:
+                # The session's uploads in this process's data dir: another process of a
+                # cluster may have taken them, or checked this message and queued it here.
+                # A stop abandons the fetch (what is half written is a temp file).
+                folder = await persistence.store.local_uploads(run.request.upload_dir, run.session_id)
+                run.request = attrs.evolve(run.request, upload_dir=folder)
             await agent.play(run)
         run.end(How.CANCELLED if run.cancel_scope.cancelled_caught else How.COMPLETED)
     except AgentError as exc:

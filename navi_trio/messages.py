@@ -10,7 +10,7 @@ read a lot of bytes or the disk (base64, uploads) run in a worker thread.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
@@ -18,14 +18,18 @@ import trio
 from . import uploads
 from .admission import IF_RUNNING
 from .base64_check import is_base64
-from .errors import BadClientMessage
+from .errors import BadClientMessage, StoreError
 from .lifecycle import RunRequest
 from .uploads import BadUpload
+
+if TYPE_CHECKING:
+    from .store.base import Store
 
 MAX_IMAGES: Final = 8
 MAX_FILES: Final = 32
 MAX_IMAGE_BYTES: Final = 50 * 1024 * 1024
 EXPECTED_MESSAGE: Final = "Expected {type: 'message', content: '...'}"
+UPLOADS_UNREADABLE: Final = "Uploads cannot be read now (storage is unavailable); try again shortly."
 
 
 def is_stop(data: Any) -> bool:
@@ -42,9 +46,11 @@ async def run_request(
     max_chars: int,
     uploads_root: Path | None,
     session_owner: str | None,
+    store: Store | None = None,
 ) -> tuple[RunRequest, str]:
     """A client ``message`` made into a checked :class:`RunRequest` and its ``if_running``.
 
+    ``store``: where uploads this process lacks are fetched from first (a cluster's).
     Cancellation: the base64 check runs in chunks on the event loop, the upload check in
     a worker thread; a cancel ends (or abandons) the check and nothing has been submitted.
     Raises :class:`BadClientMessage` or :class:`BadUpload`.
@@ -57,13 +63,18 @@ async def run_request(
         await check_base64(request.images)
     files = data.get("files")
     if files is not None and files != []:
-        request = await with_files(request, files, uploads_root, session_owner)
+        request = await with_files(request, files, uploads_root, session_owner, store)
     return request, if_running
 
 
-async def with_files(request: RunRequest, files: Any, root: Path | None, session_owner: str | None) -> RunRequest:
+async def with_files(
+    request: RunRequest, files: Any, root: Path | None, session_owner: str | None, store: Store | None = None
+) -> RunRequest:
     """Check that every named file is an upload of this session (metadata only, in a
-    worker thread), and tell the agent where they are. Raises :class:`BadUpload`."""
+    worker thread), and tell the agent where they are. With a ``store``, the named files
+    this process lacks (uploaded to another process of a cluster) are fetched into its
+    data dir first. Raises :class:`BadUpload`, or :class:`BadClientMessage` if the store
+    cannot be read."""
     if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
         raise BadClientMessage("files must be a list of {name, path} objects.")
     if len(files) > MAX_FILES:
@@ -71,6 +82,12 @@ async def with_files(request: RunRequest, files: Any, root: Path | None, session
     if root is None:
         raise BadUpload("Uploads are not available on this server.")
     session_id = request.session_id
+    if store is not None:
+        names = [n for f in files if isinstance(n := f.get("name"), str) and uploads.is_safe(n)]
+        try:
+            await store.local_uploads(uploads.session_dir(root, session_owner, session_id), session_id, names)
+        except StoreError as exc:
+            raise BadClientMessage(UPLOADS_UNREADABLE) from exc
 
     def check() -> list[str]:
         for f in files:

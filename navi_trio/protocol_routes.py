@@ -27,7 +27,7 @@ from . import uploads
 from .auth import check_access
 from .catchup import CatchUp
 from .connection import ALREADY_RUNNING
-from .errors import BadClientMessage, QueueFull, RunAlreadyActive, ShuttingDown, StoreError
+from .errors import BadClientMessage, QueueFull, RunAlreadyActive, SessionGone, ShuttingDown, StoreError
 from .events import Event
 from .http import STREAMED, HTTPError, read_body
 from .messages import MAX_IMAGE_BYTES, check_base64, parse_message
@@ -407,16 +407,14 @@ class ProtocolRoutes:
         """Save the attached files as uploads of the session (as ``POST
         /sessions/{id}/files`` would) and tell the agent where they are."""
         data_dir = self.settings.data_dir
-
-        def save() -> list[str]:
-            for f in files:
-                uploads.save_upload(data_dir, session.user_id, session.id, f.name, f.body)
-            return [f.name for f in files]
-
         try:
-            names = await trio.to_thread.run_sync(save)
+            for f in files:
+                await uploads.save(self.registry.store, data_dir, session.user_id, session.id, f.name, f.body)
+        except SessionGone:
+            raise HTTPError(404, "Session not found") from None
         except OSError as exc:
             log.error("upload.save_failed", session_id=session.id, error=str(exc))
             raise HTTPError(503, "Storage cannot take the upload; try again shortly.") from None
+        names = [f.name for f in files]
         lines = "\n".join(f"- {n} → {uploads.public_path(session.id, n)}" for n in names)
         return attrs.evolve(request, content=f"{request.content}\n\n[Uploaded files on disk:\n{lines}]", files=names)

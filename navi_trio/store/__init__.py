@@ -39,7 +39,9 @@ async def open_store(settings: Settings) -> AsyncIterator[Store]:
 
         # A refused save must fail (and be retried) before the run's save bound cuts it off.
         store = await PostgresStore.open(
-            settings.database_url, pool_timeout_s=min(POOL_TIMEOUT_S, settings.save_timeout_s / 2)
+            settings.database_url,
+            pool_timeout_s=min(POOL_TIMEOUT_S, settings.save_timeout_s / 2),
+            data_dir=settings.data_dir,
         )
     else:
         store = await SqliteStore.open(settings.data_dir / "navi.sqlite3")

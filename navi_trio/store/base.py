@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
+from collections.abc import Collection
+from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
+import trio
 
 
 def utc_now() -> str:
@@ -145,6 +148,27 @@ class Store(Protocol):
 
     async def save_summary(self, session_id: str, summary: str, through_message_id: str) -> None: ...
 
+    # -- uploads (the files are in each process's data dir, see ``uploads.py``) ---------
+    async def keep_upload(self, session_id: str, name: str, body: bytes, stamp: int) -> None:
+        """Keep an upload's bytes where every process reads them (PostgreSQL), replacing
+        an older version; ``stamp`` is its version. Raises
+        :class:`~navi_trio.errors.SessionGone` if the session is gone. A store of one
+        process keeps nothing: the file in its data dir is the upload."""
+
+    async def local_uploads(self, folder: Path, session_id: str, names: Collection[str] | None = None) -> Path:
+        """This process's folder of the session's uploads, with every upload of the
+        session (or only ``names``) that it lacks or holds in another version fetched into
+        it (each written to a temp file, then renamed). ``folder`` is the session's folder
+        as the process that checked the message named it (a queued message may be played
+        by another process). A store of one process answers ``folder``: it holds them."""
+        ...
+
+    async def sweep_uploads(self) -> int:
+        """Remove this process's copies of uploads whose session is gone (deleted on
+        another process of a cluster); how many sessions' folders. A store of one process
+        removes nothing: its own DELETEs remove the files."""
+        ...
+
     # -- users and tokens (only hashes are stored) ---------------------------------------
     async def add_user(self, user: User, token_hash: str) -> None:
         """Raises :class:`~navi_trio.errors.StoreError` if the name is taken."""
@@ -164,6 +188,24 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class UploadsInDataDir:
+    """The uploads of a store of one process (SQLite, memory): the files in its data dir
+    are the uploads, so there is nothing to keep or fetch."""
+
+    async def keep_upload(self, session_id: str, name: str, body: bytes, stamp: int) -> None:
+        """Nothing to keep: the file in the data dir is the upload (one process)."""
+        await trio.lowlevel.checkpoint()
+
+    async def local_uploads(self, folder: Path, session_id: str, names: Collection[str] | None = None) -> Path:
+        """``folder``: the data dir holds every upload (one process)."""
+        await trio.lowlevel.checkpoint()
+        return folder
+
+    async def sweep_uploads(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return 0
 
 
 async def find_session(store: Store, session_id: str) -> SessionRecord | None:

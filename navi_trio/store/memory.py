@@ -12,10 +12,10 @@ import attrs
 import trio
 
 from ..errors import SessionGone, StoreError
-from .base import Answer, MessageRecord, NewRun, SessionRecord, User, utc_now
+from .base import Answer, MessageRecord, NewRun, SessionRecord, UploadsInDataDir, User, utc_now
 
 
-class MemoryStore:
+class MemoryStore(UploadsInDataDir):
     def __init__(self) -> None:
         self.sessions: dict[str, SessionRecord] = {}
         self.messages: dict[str, list[MessageRecord]] = {}

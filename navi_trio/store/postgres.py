@@ -22,8 +22,9 @@ import json
 import logging
 import math
 import select
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any, Final, LiteralString, TypeVar
 
 import psycopg
@@ -33,6 +34,7 @@ import structlog
 import trio
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
+from .. import uploads
 from ..errors import SessionGone, StoreError
 from .base import Answer, MessageRecord, NewRun, SessionRecord, User, digests_equal, utc_now
 from .cache import SessionCache
@@ -85,6 +87,20 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )""",
         "CREATE INDEX sessions_by_user ON sessions(user_id)",
     ),
+    (
+        # Every process reads an upload from here (its data dir holds copies). ``stamp``
+        # is its version (see uploads.py); no compression, so a fetch reads it in slices
+        # (``substring``) without decompressing the whole value for each.
+        """CREATE TABLE uploads (
+            session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            size BIGINT NOT NULL,
+            stamp BIGINT NOT NULL,
+            data BYTEA NOT NULL,
+            PRIMARY KEY (session_id, name)
+        )""",
+        "ALTER TABLE uploads ALTER COLUMN data SET STORAGE EXTERNAL",
+    ),
 )
 
 #: The key of the advisory lock that serializes migrations (any constant; "navi" in ASCII).
@@ -119,6 +135,11 @@ HEALTH_CHECK_S: Final = 1.0
 
 #: Connections per process (and worker threads doing store calls at once).
 POOL_SIZE: Final = 4
+
+#: An upload is fetched in slices of this size: a fetch holds one slice in memory.
+FETCH_CHUNK: Final = 1024 * 1024
+#: Session ids looked up at once by a sweep of upload copies.
+SWEEP_BATCH: Final = 1000
 
 
 def describe(url: str) -> str:
@@ -195,6 +216,58 @@ def migrate(conn: Conn) -> int:
     return len(MIGRATIONS)
 
 
+def _fetch_uploads(folder: Path, session_id: str, names: Collection[str] | None, conn: Conn) -> None:
+    """In a worker thread: write into ``folder`` the session's uploads (or ``names``) it
+    lacks or holds in another version, one slice in memory at a time. What is fetched is
+    read from one snapshot of the table, so a version replaced meanwhile is not mixed in.
+    When nothing is missing (the common case: every run of a session asks) this is one
+    statement."""
+    if not uploads.stale(folder, _versions(conn, session_id, names)):
+        return
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        for name, size, stamp in uploads.stale(folder, _versions(conn, session_id, names)):
+            uploads.fetch_into(folder, name, stamp, _slices(conn, session_id, name, size))
+
+
+def _versions(conn: Conn, session_id: str, names: Collection[str] | None) -> list[tuple[str, int, int]]:
+    """``(name, size, stamp)`` of the session's uploads (or of ``names``)."""
+    if names is None:
+        cur = conn.execute("SELECT name, size, stamp FROM uploads WHERE session_id = %s", (session_id,))
+    else:
+        cur = conn.execute(
+            "SELECT name, size, stamp FROM uploads WHERE session_id = %s AND name = ANY(%s)",
+            (session_id, list(names)),
+        )
+    return [(r[0], r[1], r[2]) for r in cur.fetchall()]
+
+
+def _sweep(data_dir: Path, conn: Conn) -> int:
+    """In a worker thread: remove the upload folders in ``data_dir`` whose session is gone.
+    A folder is made only for a session that exists (an upload or fetch needs it), and
+    ids are never reused, so one whose session is not found now is garbage."""
+    folders = uploads.session_folders(data_dir)
+    gone = []
+    for start in range(0, len(folders), SWEEP_BATCH):
+        batch = folders[start : start + SWEEP_BATCH]
+        ids = list({f.name for f in batch})
+        found = {r[0] for r in conn.execute("SELECT id FROM sessions WHERE id = ANY(%s)", (ids,)).fetchall()}
+        gone += [f for f in batch if f.name not in found]
+    uploads.remove_folders(gone)
+    return len(gone)
+
+
+def _slices(conn: Conn, session_id: str, name: str, size: int) -> Iterator[bytes]:
+    for start in range(0, size, FETCH_CHUNK):
+        row = conn.execute(
+            "SELECT substring(data FROM %s FOR %s) FROM uploads WHERE session_id = %s AND name = %s",
+            (start + 1, FETCH_CHUNK, session_id, name),
+            binary=True,
+        ).fetchone()
+        assert row is not None  # the snapshot holds it
+        yield row[0]
+
+
 def _in_one_transaction(sql: LiteralString, rows: Sequence[Sequence[Any]], conn: Conn) -> None:
     """``sql`` once for each of ``rows``, pipelined, all in one transaction."""
     with conn.transaction(), conn.cursor() as cur:
@@ -209,10 +282,12 @@ class PostgresStore:
     database and a session it did not delete is still there.
     """
 
-    def __init__(self, pool: ConnectionPool[Conn], where: str, password: str) -> None:
+    def __init__(self, pool: ConnectionPool[Conn], where: str, password: str, data_dir: Path | None = None) -> None:
         self._pool = pool
         self._where = where
         self._password = password
+        #: Where this process keeps its copies of uploads (None: where the caller says).
+        self._data_dir = data_dir
         self._limiter = trio.CapacityLimiter(POOL_SIZE)
         self._sessions = SessionCache()
         #: Why the database could not be reached on the last call, or None once it answers.
@@ -220,9 +295,12 @@ class PostgresStore:
         self._health_checked_at = -math.inf
 
     @classmethod
-    async def open(cls, url: str, *, pool_timeout_s: float = POOL_TIMEOUT_S) -> PostgresStore:
+    async def open(
+        cls, url: str, *, pool_timeout_s: float = POOL_TIMEOUT_S, data_dir: Path | None = None
+    ) -> PostgresStore:
         """Connect, migrate, and open the pool. Raises :class:`StoreError` naming the
         server (``PostgreSQL at host:port/db``) if it cannot be reached or migrated.
+        ``data_dir``: this process's, where it keeps its copies of uploads.
 
         Cancellation: the connect runs in a worker thread that is waited for (bounded by
         ``connect_timeout``), so nothing is left open behind a cancel.
@@ -253,7 +331,7 @@ class PostgresStore:
             pool = await trio.to_thread.run_sync(_open)
         except (psycopg.Error, PoolTimeout) as exc:
             raise StoreError(f"cannot use {where}: {_reason(exc, password)}") from None
-        return cls(pool, where, password)
+        return cls(pool, where, password, data_dir)
 
     def _connection(self) -> Conn:
         """In a worker thread: a pooled connection not known to be dead.
@@ -451,6 +529,43 @@ class PostgresStore:
             )
 
         await self._call("saving the conversation summary", q)
+
+    async def keep_upload(self, session_id: str, name: str, body: bytes, stamp: int) -> None:
+        def q(c: Conn) -> None:
+            # %b: the bytes go as they are (binary), not escaped into a second copy.
+            c.execute(
+                "INSERT INTO uploads (session_id, name, size, stamp, data) VALUES (%s, %s, %s, %s, %b)"
+                " ON CONFLICT (session_id, name) DO UPDATE"
+                " SET size = EXCLUDED.size, stamp = EXCLUDED.stamp, data = EXCLUDED.data",
+                (session_id, name, len(body), stamp, body),
+            )
+
+        try:
+            await self._call("saving an upload", q)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, psycopg.errors.ForeignKeyViolation):  # an upload racing its DELETE
+                raise SessionGone("the session was deleted before its upload was saved") from None
+            raise
+
+    async def local_uploads(self, folder: Path, session_id: str, names: Collection[str] | None = None) -> Path:
+        """Fetches what this process's copy lacks (one query when it lacks nothing). A
+        disk fault (full, read-only) is a :class:`StoreError` saying so."""
+        if self._data_dir is not None:
+            folder = uploads.rerooted(folder, self._data_dir)
+        try:
+            await self._call("fetching uploads", partial(_fetch_uploads, folder, session_id, names))
+        except (OSError, uploads.BadUpload) as exc:
+            raise StoreError(f"cannot copy this session's uploads into {folder}: {exc}") from exc
+        return folder
+
+    async def sweep_uploads(self) -> int:
+        if self._data_dir is None:
+            await trio.lowlevel.checkpoint()
+            return 0
+        try:
+            return await self._call("sweeping uploads of deleted sessions", partial(_sweep, self._data_dir))
+        except OSError as exc:
+            raise StoreError(f"cannot sweep the uploads in {self._data_dir}: {exc}") from exc
 
     async def add_user(self, user: User, token_hash: str) -> None:
         def q(c: Conn) -> None:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import trio
 
 from ..errors import SessionGone, StoreError
-from .base import Answer, MessageRecord, NewRun, SessionRecord, User, digests_equal, utc_now
+from .base import Answer, MessageRecord, NewRun, SessionRecord, UploadsInDataDir, User, digests_equal, utc_now
 from .cache import SessionCache
 
 T = TypeVar("T")
@@ -91,7 +91,7 @@ def migrate(conn: sqlite3.Connection) -> int:
             conn.execute(f"PRAGMA user_version = {version + 1}")
 
 
-class SqliteStore:
+class SqliteStore(UploadsInDataDir):
     """One connection, one server process: the run registry is per process too (one run
     per session can only be guaranteed there), so the database has a single owner and
     session records can be cached in memory, saving a thread round-trip on every
