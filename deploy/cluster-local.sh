@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two navi-trio workers as one server on this machine: a redis-server on a loopback port
 # (no persistence) and `hypercorn --workers 2`, sharing NAVI_DATABASE_URL (PostgreSQL:
-# give yours) and one data directory. Ctrl-C stops both.
+# give yours) and one data directory (each host of a cluster may have its own: uploads are
+# in PostgreSQL too). Ctrl-C stops both.
 #
 #   NAVI_DATABASE_URL=postgresql://user:pw@127.0.0.1:5432/navi deploy/cluster-local.sh
 set -euo pipefail
