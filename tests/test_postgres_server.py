@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import trio
 
+from navi_trio.messages import UPLOADS_UNREADABLE
 from navi_trio.settings import Settings
 from navi_trio.store.postgres import MIGRATIONS
 
@@ -199,6 +200,41 @@ async def test_postgres_lost_mid_run_then_back(tmp_path: Path, own_postgres: PgS
                 ("complete", script({"text": "back again"})),
                 ("complete", "back again"),
             ]
+
+
+async def test_uploads_while_postgres_is_down_are_refused_saying_so(tmp_path: Path, own_postgres: PgServer) -> None:
+    """An upload's bytes go to PostgreSQL, and a message naming one asks it for the
+    version this data dir must hold: while it is down, an upload is answered 503 and such
+    a message with an error saying storage is unavailable (no run starts); once it is
+    back, both work with no restart."""
+    settings = {"store": "sqlite", "save_timeout_s": 2.0, "data_dir": tmp_path}
+    with own_postgres.database() as url, trio.fail_after(90):
+        async with open_server(database_url=url, **settings) as server:
+            sid = await server.new_session()
+            r = await server.http.post(f"/sessions/{sid}/files", params={"name": "a.txt"}, content=b"a")
+            assert r.status_code == 201, r.text
+            named = [r.json()]
+            async with server.connect(sid) as c:
+                assert (await c.recv())["type"] == "session_sync"
+                await trio.to_thread.run_sync(own_postgres.stop)
+                try:
+                    r = await server.http.post(f"/sessions/{sid}/files", params={"name": "b.txt"}, content=b"b")
+                    assert r.status_code == 503, r.text
+                    await c.send_message("read it", files=named)
+                    error = await c.until("error")
+                    assert error == [{"type": "error", "message": UPLOADS_UNREADABLE}], error
+                finally:
+                    await trio.to_thread.run_sync(own_postgres.start)
+
+                async def healthy() -> bool:
+                    return (await server.http.get("/healthz")).status_code == 200
+
+                await poll(healthy, "/healthz answering 200 again")
+                await c.send_message("read it", files=named)
+                after = await c.until_terminal()
+                assert after[0]["type"] == "stream_start" and after[-1]["type"] == "stream_end", after
+            r = await server.http.post(f"/sessions/{sid}/files", params={"name": "b.txt"}, content=b"b")
+            assert r.status_code == 201, r.text
 
 
 async def navi_users(env: dict[str, str], cwd: Path, *args: str) -> str:
