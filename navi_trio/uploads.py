@@ -87,16 +87,6 @@ def public_path(session_id: str, name: str) -> str:
     return f"uploads/{session_id}/{name}"
 
 
-def save_upload(data_dir: Path, user_id: str | None, session_id: str, name: str, body: bytes) -> dict[str, str]:
-    """Write an upload atomically (temp file, then rename). Returns ``{"name", "path"}``;
-    raises ``OSError`` when storage cannot take it (full, read-only, not a directory)."""
-    name = safe_name(name)
-    folder = session_dir(data_dir, user_id, session_id)
-    tmp, _ = write_temp(folder, body)
-    put_in_place(tmp, folder / name)
-    return {"name": name, "path": public_path(session_id, name)}
-
-
 def write_temp(folder: Path, body: bytes) -> tuple[Path, int]:
     """``body`` in a new hidden temp file in ``folder`` (created if need be); the file and
     its ``stamp`` (modification time in ns, set from the clock's nanoseconds: the kernel's
