@@ -18,11 +18,11 @@ its host (never the password): the run registry ends runs that lose a checkpoint
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import select
 from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, LiteralString, TypeVar
@@ -36,8 +36,8 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from .. import uploads
 from ..errors import SessionGone, StoreError
-from .base import Answer, MessageRecord, NewRun, SessionRecord, User, digests_equal, utc_now
-from .cache import SessionCache
+from .base import NewRun
+from .dbapi import DbApiStore, Dialect
 
 T = TypeVar("T")
 log = structlog.get_logger("navi_trio.store.postgres")
@@ -140,6 +140,19 @@ POOL_SIZE: Final = 4
 FETCH_CHUNK: Final = 1024 * 1024
 #: Session ids looked up at once by a sweep of upload copies.
 SWEEP_BATCH: Final = 1000
+
+
+def _transaction(conn: Conn) -> AbstractContextManager[Any]:
+    return conn.transaction()
+
+
+#: psycopg's ``%s``, its transactions, and its error class for each constraint.
+DIALECT: Final = Dialect(
+    placeholder="%s",
+    transaction=_transaction,
+    is_foreign_key_violation=lambda exc: isinstance(exc, psycopg.errors.ForeignKeyViolation),
+    is_unique_violation=lambda exc: isinstance(exc, psycopg.errors.UniqueViolation),
+)
 
 
 def describe(url: str) -> str:
@@ -274,22 +287,23 @@ def _in_one_transaction(sql: LiteralString, rows: Sequence[Sequence[Any]], conn:
         cur.executemany(sql, rows)
 
 
-class PostgresStore:
+class PostgresStore(DbApiStore):
     """A pool of connections to one database, shared by this process's calls.
 
-    Session records are cached as SQLite caches them: the run registry is still per
-    process (one run per session is guaranteed only there), so one process owns the
-    database and a session it did not delete is still there.
+    Session records are cached as SQLite caches them (:class:`DbApiStore`): a session is
+    looked up through the store of the process that serves it, and deleted through it.
     """
 
+    dialect = DIALECT
+
     def __init__(self, pool: ConnectionPool[Conn], where: str, password: str, data_dir: Path | None = None) -> None:
+        super().__init__()
         self._pool = pool
         self._where = where
         self._password = password
         #: Where this process keeps its copies of uploads (None: where the caller says).
         self._data_dir = data_dir
         self._limiter = trio.CapacityLimiter(POOL_SIZE)
-        self._sessions = SessionCache()
         #: Why the database could not be reached on the last call, or None once it answers.
         self.unavailable: str | None = None
         self._health_checked_at = -math.inf
@@ -394,76 +408,7 @@ class PostgresStore:
             await trio.lowlevel.checkpoint()
         return self.unavailable
 
-    async def create_session(self, session_id: str, title: str, user_id: str | None) -> SessionRecord:
-        rec = SessionRecord(session_id, title, user_id, utc_now())
-
-        def q(c: Conn) -> None:
-            c.execute(
-                "INSERT INTO sessions (id, title, user_id, created_at) VALUES (%s, %s, %s, %s)",
-                (rec.id, rec.title, rec.user_id, rec.created_at),
-            )
-
-        await self._call("creating a session", q)
-        self._sessions.remember(rec)
-        return rec
-
-    def cached_session(self, session_id: str) -> SessionRecord | None:
-        return self._sessions.get(session_id)
-
-    async def get_session(self, session_id: str) -> SessionRecord | None:
-        cached = self.cached_session(session_id)
-        if cached is not None:
-            await trio.lowlevel.checkpoint()
-            return cached
-
-        def q(c: Conn) -> SessionRecord | None:
-            row = c.execute(
-                "SELECT id, title, user_id, created_at FROM sessions WHERE id = %s", (session_id,)
-            ).fetchone()
-            return SessionRecord(*row) if row else None
-
-        rec = await self._call("reading a session", q)
-        if rec is not None:
-            self._sessions.remember(rec)
-        return rec
-
-    async def list_sessions(self, user_id: str | None, *, everyone: bool = False) -> list[SessionRecord]:
-        def q(c: Conn) -> list[SessionRecord]:
-            columns = "SELECT id, title, user_id, created_at FROM sessions"
-            if everyone:
-                cur = c.execute(f"{columns} ORDER BY created_at, id")
-            elif user_id is None:
-                cur = c.execute(f"{columns} WHERE user_id IS NULL ORDER BY created_at, id")
-            else:
-                cur = c.execute(f"{columns} WHERE user_id = %s ORDER BY created_at, id", (user_id,))
-            return [SessionRecord(*r) for r in cur.fetchall()]
-
-        return await self._call("listing sessions", q)
-
-    async def delete_session(self, session_id: str) -> bool:
-        self._sessions.forget(session_id)
-
-        def q(c: Conn) -> bool:
-            # Its messages go with it (ON DELETE CASCADE), in the same statement.
-            return c.execute("DELETE FROM sessions WHERE id = %s", (session_id,)).rowcount > 0
-
-        return await self._call("deleting a session", q)
-
-    async def list_messages(self, session_id: str) -> list[MessageRecord]:
-        def q(c: Conn) -> list[MessageRecord]:
-            rows = c.execute(
-                "SELECT id, role, content, created_at, status, thinking, tool_calls FROM messages"
-                " WHERE session_id = %s AND status != 'running' ORDER BY ord",
-                (session_id,),
-            ).fetchall()
-            return [MessageRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None) for r in rows]
-
-        return await self._call("listing messages", q)
-
-    async def begin_run(self, new_run: NewRun) -> None:
-        await self.begin_runs([new_run])
-
-    async def begin_runs(self, new_runs: list[NewRun]) -> None:
+    async def _insert_runs(self, new_runs: list[NewRun]) -> None:
         rows: list[tuple[str | None, ...]] = []
         for r in new_runs:
             rows.append((r.user_message_id, r.session_id, "user", r.user_content, None, None, "complete", r.created_at))
@@ -474,61 +419,7 @@ class PostgresStore:
             "INSERT INTO messages (id, session_id, role, content, thinking, tool_calls, status, created_at)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
         )
-        try:
-            await self._call("saving the user's message", partial(_in_one_transaction, sql, rows))
-        except StoreError as exc:
-            if isinstance(exc.__cause__, psycopg.errors.ForeignKeyViolation):  # a message racing its DELETE
-                raise SessionGone("the session was deleted before saving the user's message") from None
-            raise
-
-    async def save_answer(self, answer: Answer) -> None:
-        tool_calls = json.dumps(answer.tool_calls)
-
-        def q(c: Conn) -> None:
-            c.execute(
-                "UPDATE messages SET content = %s, thinking = %s, tool_calls = %s, status = %s WHERE id = %s",
-                (answer.content, answer.thinking, tool_calls, answer.status, answer.id),
-            )
-
-        await self._call("saving the answer", q)
-
-    async def checkpoint(self, answers: list[Answer]) -> None:
-        rows = [(a.content, a.thinking, json.dumps(a.tool_calls), a.id) for a in answers]
-
-        # Only answers still running: a checkpoint queued behind a run's final save must
-        # not turn it back into "running".
-        sql = "UPDATE messages SET content = %s, thinking = %s, tool_calls = %s WHERE id = %s AND status = 'running'"
-        await self._call("saving answers in progress", partial(_in_one_transaction, sql, rows))
-
-    async def recover_interrupted(self) -> int:
-        def q(c: Conn) -> int:
-            return c.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'running'").rowcount
-
-        return await self._call("marking interrupted answers", q)
-
-    async def load_context(self, session_id: str) -> tuple[str | None, list[dict[str, Any]]]:
-        def q(c: Conn) -> tuple[str | None, list[dict[str, Any]]]:
-            with c.transaction():  # the summary and the messages after it, as of one moment
-                row = c.execute("SELECT summary, summary_through FROM sessions WHERE id = %s", (session_id,)).fetchone()
-                summary, through = (row[0], row[1]) if row else (None, 0)
-                rows = c.execute(
-                    "SELECT id, role, content FROM messages WHERE session_id = %s AND ord > %s"
-                    " AND status != 'running' ORDER BY ord",
-                    (session_id, through),
-                ).fetchall()
-            return summary, [{"id": r[0], "role": r[1], "content": r[2]} for r in rows]
-
-        return await self._call("loading the conversation", q)
-
-    async def save_summary(self, session_id: str, summary: str, through_message_id: str) -> None:
-        def q(c: Conn) -> None:
-            c.execute(
-                "UPDATE sessions SET summary = %s, summary_through ="
-                " COALESCE((SELECT ord FROM messages WHERE id = %s), 0) WHERE id = %s",
-                (summary, through_message_id, session_id),
-            )
-
-        await self._call("saving the conversation summary", q)
+        await self._call("saving the user's message", partial(_in_one_transaction, sql, rows))
 
     async def keep_upload(self, session_id: str, name: str, body: bytes, stamp: int) -> None:
         def q(c: Conn) -> None:
@@ -566,68 +457,6 @@ class PostgresStore:
             return await self._call("sweeping uploads of deleted sessions", partial(_sweep, self._data_dir))
         except OSError as exc:
             raise StoreError(f"cannot sweep the uploads in {self._data_dir}: {exc}") from exc
-
-    async def add_user(self, user: User, token_hash: str) -> None:
-        def q(c: Conn) -> None:
-            with c.transaction():
-                c.execute(
-                    "INSERT INTO users (id, name, role, created_at) VALUES (%s, %s, %s, %s)",
-                    (user.id, user.name, user.role, user.created_at),
-                )
-                c.execute(
-                    "INSERT INTO tokens (hash, user_id, created_at) VALUES (%s, %s, %s)",
-                    (token_hash, user.id, user.created_at),
-                )
-
-        try:
-            await self._call("adding a user", q)
-        except StoreError as exc:
-            if isinstance(exc.__cause__, psycopg.errors.UniqueViolation):
-                raise StoreError(f"a user named {user.name!r} exists already") from None
-            raise
-
-    async def list_users(self) -> list[User]:
-        def q(c: Conn) -> list[User]:
-            rows = c.execute("SELECT id, name, role, created_at, revoked_at FROM users ORDER BY created_at, name")
-            return [User(r[0], r[1], r[2], r[3], r[4] is not None) for r in rows.fetchall()]
-
-        return await self._call("listing users", q)
-
-    async def revoke_user(self, name: str, revoked_at: str) -> User | None:
-        def q(c: Conn) -> User | None:
-            row = c.execute(
-                "UPDATE users SET revoked_at = COALESCE(revoked_at, %s) WHERE name = %s"
-                " RETURNING id, name, role, created_at",
-                (revoked_at, name),
-            ).fetchone()
-            return User(row[0], row[1], row[2], row[3], True) if row else None
-
-        return await self._call("revoking a user", q)
-
-    async def user_for_token_hash(self, token_hash: str) -> User | None:
-        def q(c: Conn) -> User | None:
-            row = c.execute(
-                "SELECT u.id, u.name, u.role, u.created_at, u.revoked_at, t.hash FROM tokens t"
-                " JOIN users u ON u.id = t.user_id WHERE t.hash = %s",
-                (token_hash,),
-            ).fetchone()
-            if row is None or not digests_equal(row[5], token_hash):
-                return None
-            return User(row[0], row[1], row[2], row[3], row[4] is not None)
-
-        return await self._call("checking a token", q)
-
-    async def revoked_user_ids(self) -> set[str]:
-        def q(c: Conn) -> set[str]:
-            return {r[0] for r in c.execute("SELECT id FROM users WHERE revoked_at IS NOT NULL").fetchall()}
-
-        return await self._call("reading revoked users", q)
-
-    async def __aenter__(self) -> PostgresStore:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close the pool: its connections and its maintenance threads (bounded wait,
