@@ -37,3 +37,16 @@ bench-cpu *ARGS: install
 # 1,000 idle connections with heartbeats + 100 paced sessions for 60 s (bench/soak.py)
 soak *ARGS: install
     {{py}} bench/soak.py {{ARGS}}
+
+# cluster mode (issue #12; needs redis-server and postgresql, which .ci/setup installs):
+# server CPU per event, two processes on Redis + PostgreSQL against one, interleaved (bench/cluster_cpu.py)
+bench-cluster-cpu *ARGS: install
+    {{py}} bench/cluster_cpu.py {{ARGS}}
+
+# capacity in paced sessions: one process, hypercorn --workers 1 and --workers 2 (bench/cluster_capacity.py)
+bench-cluster-capacity *ARGS: install
+    {{py}} bench/cluster_capacity.py {{ARGS}}
+
+# stop latency p99, asked of the run's own process against another one (bench/cluster_stop_latency.py)
+bench-cluster-stop *ARGS: install
+    {{py}} bench/cluster_stop_latency.py {{ARGS}}
