@@ -86,6 +86,7 @@ async def stop_once(a: httpx.AsyncClient, asked: httpx.AsyncClient, port_a: int)
 
 
 async def main(args: argparse.Namespace) -> None:
+    print(f"{args.repeat} stops each way, alternating; at start: {loadavg()}", flush=True)
     with contextlib.ExitStack() as stack:
         redis_server = stack.enter_context(redis("0"))
         data = stack.enter_context(tempfile.TemporaryDirectory(prefix="navi-cstop-"))
