@@ -9,6 +9,12 @@ on process A (client on A), then the stop is posted to A or to B, alternately; t
 ``stream_stopped`` reaches A's client and until the POST is answered (the answer comes
 once the run's answer is saved). Loopback only; every loop is bounded.
 
+For the tail, each stop also records the CPU time of the servers (both navi-trio processes
+and redis-server) meanwhile, how long they spent runnable but waiting for a CPU (run-queue
+wait, ``/proc/<pid>/task/*/schedstat``), and this client's wait. They share CPU 0, so they
+wait for each other too, but at most about twice their own CPU time: a slow stop whose
+servers waited far longer than they ran was slowed by other work on the machine.
+
     python bench/cluster_stop_latency.py               # 250 stops each way, ~30 s
 """
 
@@ -25,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx2 as httpx
 import trio
@@ -59,7 +66,27 @@ async def wait_port(port: int) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-async def stop_once(a: httpx.AsyncClient, asked: httpx.AsyncClient, port_a: int) -> tuple[float, float]:
+def sched_s(pids: list[int]) -> tuple[float, float]:
+    """Seconds the threads of ``pids`` have run on a CPU, and spent runnable but waiting
+    for one (``/proc/<pid>/task/*/schedstat``, first two fields)."""
+    ran = waited = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                fields = (task / "schedstat").read_text().split()
+                ran, waited = ran + int(fields[0]), waited + int(fields[1])
+    return ran / 1e9, waited / 1e9
+
+
+class Stop(NamedTuple):
+    on_socket: float  # POST sent -> stream_stopped on the run's socket (process A)
+    answered: float  # POST sent -> its answer
+    servers_ran: float  # CPU time of the servers and redis-server meanwhile
+    servers_waited: float  # their run-queue wait meanwhile
+    client_waited: float  # this client's run-queue wait meanwhile
+
+
+async def stop_once(a: httpx.AsyncClient, asked: httpx.AsyncClient, port_a: int, servers: list[int]) -> Stop:
     tool = {"tool": "sleep", "args": {}, "result": "", "delay": 30}
     msg = json.dumps({"type": "message", "content": json.dumps({"script": [tool]})})
     sid = (await a.post("/sessions", json={})).json()["id"]
@@ -69,6 +96,7 @@ async def stop_once(a: httpx.AsyncClient, asked: httpx.AsyncClient, port_a: int)
         with trio.fail_after(10):
             while json.loads(await ws.get_message())["type"] != "tool_started":
                 pass
+            (ran0, waited0), (_, mine0) = sched_s(servers), sched_s([os.getpid()])
             t0 = trio.current_time()
 
             async def post() -> None:
@@ -82,7 +110,8 @@ async def stop_once(a: httpx.AsyncClient, asked: httpx.AsyncClient, port_a: int)
                     if m["type"] == "error":
                         raise RuntimeError(m)
                 on_socket = trio.current_time() - t0
-    return on_socket, answered[0]
+            (ran1, waited1), (_, mine1) = sched_s(servers), sched_s([os.getpid()])
+    return Stop(on_socket, answered[0], ran1 - ran0, waited1 - waited0, mine1 - mine0)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -107,15 +136,16 @@ async def main(args: argparse.Namespace) -> None:
         try:
             for port in ports:
                 await wait_port(port)
-            same: list[tuple[float, float]] = []
-            other: list[tuple[float, float]] = []
+            same: list[Stop] = []
+            other: list[Stop] = []
+            servers = [p.pid for p in procs] + [redis_server.pid]
             async with (
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports[0]}", trust_env=False, timeout=10) as a,
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports[1]}", trust_env=False, timeout=10) as b,
             ):
                 for _ in range(args.repeat):
-                    same.append(await stop_once(a, a, ports[0]))
-                    other.append(await stop_once(a, b, ports[0]))
+                    same.append(await stop_once(a, a, ports[0], servers))
+                    other.append(await stop_once(a, b, ports[0], servers))
         finally:
             for proc in procs:
                 proc.terminate()
@@ -124,9 +154,9 @@ async def main(args: argparse.Namespace) -> None:
                     await proc.wait()
     p99: dict[str, tuple[float, float]] = {}
     for name, xs in (("same process", same), ("other process", other)):
-        sock = [x[0] for x in xs]
-        ans = [x[1] for x in xs]
-        after = [x[1] - x[0] for x in xs]  # the answer's wait for the save, and its way back
+        sock = [x.on_socket for x in xs]
+        ans = [x.answered for x in xs]
+        after = [x.answered - x.on_socket for x in xs]  # the answer's wait for the save, and its way back
         p99[name] = (pct(sock, 0.99), pct(ans, 0.99))
         print(
             f"{name:14s} stream_stopped p50 {pct(sock, 0.5) * 1e3:6.2f} ms p90 {pct(sock, 0.9) * 1e3:6.2f}"
@@ -134,6 +164,19 @@ async def main(args: argparse.Namespace) -> None:
             f" POST answered p50 {pct(ans, 0.5) * 1e3:6.2f} ms p99 {pct(ans, 0.99) * 1e3:6.2f};"
             f" answer after stream_stopped p50 {pct(after, 0.5) * 1e3:5.2f} ms"
             f" (n={len(xs)}, mean {statistics.mean(sock) * 1e3:.2f} ms)"
+        )
+    print("where the time went, stream_stopped: servers' CPU time / their run-queue wait / the client's, in ms:")
+    for name, xs in (("same process", same), ("other process", other)):
+        tail = sorted(xs, key=lambda x: x.on_socket)[-max(1, math.ceil(len(xs) / 100)) :]
+        mid = sorted(xs, key=lambda x: x.on_socket)[len(xs) // 2]
+        print(
+            f"  {name:14s} median stop {mid.on_socket * 1e3:.1f} ms ({mid.servers_ran * 1e3:.1f} /"
+            f" {mid.servers_waited * 1e3:.1f} / {mid.client_waited * 1e3:.1f}); slowest 1 %: "
+            + ", ".join(
+                f"{x.on_socket * 1e3:.1f} ms ({x.servers_ran * 1e3:.1f} / {x.servers_waited * 1e3:.1f}"
+                f" / {x.client_waited * 1e3:.1f})"
+                for x in tail
+            )
         )
     (s_sock, s_ans), (o_sock, o_ans) = p99["same process"], p99["other process"]
     print(
