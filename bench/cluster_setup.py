@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import socket
 import subprocess
 import sys
@@ -140,15 +139,6 @@ class Servers:
         port = free_port()
         cmd = [str(HYPERCORN), "--config", "python:navi_trio.hypercorn_conf", "--workers", str(self.count)]
         return [(port, [*cmd, "navi_trio.asgi:app"])]
-
-    def command_line(self) -> str:
-        """The server command for ``bench/harness/capacity.py``'s ``--server-cmd`` ({port} left in)."""
-        (port, cmd), *rest = self.commands()
-        assert not rest, "capacity.py starts one server command"
-        env = self.env(port) | {"NAVI_PORT": "{port}"}
-        assigns = [f"{k}={shlex.quote(v)}" for k, v in env.items() if k.startswith("NAVI_")]
-        args = [shlex.quote(x).replace(str(port), "{port}") for x in cmd]
-        return " ".join(["env", *assigns, *args])
 
     def __enter__(self) -> Servers:
         try:
