@@ -169,7 +169,9 @@ def main() -> None:
             if failed == set(names):
                 break
     print(
-        "capacity (sessions held, p99 lag <= {:.0f} ms): {}".format(a.lag_ms, ", ".join(f"{n} {cap[n]}" for n in names))
+        "capacity (sessions held, p99 lag <= {:.0f} ms; '>=': it held the top rung): {}".format(
+            a.lag_ms, ", ".join(f"{n} {'' if n in failed else '>='}{cap[n]}" for n in names)
+        )
     )
     print("measured, server side pinned to one core (CPU 0), load generator on CPU 1:")
     for name in ("single", "workers1", "workers2"):
