@@ -16,6 +16,7 @@ import trio.testing
 
 from navi_trio.cluster.broker import RedisBroker, RemoteRun
 from navi_trio.cluster.redis import Keys, connect
+from navi_trio.cluster.stream import StreamReader
 from navi_trio.events import check_grammar
 from navi_trio.lifecycle import How, Run
 
@@ -179,3 +180,28 @@ async def test_a_run_whose_owner_died_after_its_terminal_event_is_settled_by_ano
         assert terminal is not None and terminal.type == "stream_end"
         [(_, answer_id, log)] = b_rec.orphans  # its answer, never saved by its owner: saved from the log
         assert (answer_id, log.content) == (run.answer_id, "some text")
+
+
+async def test_appends_survive_a_redis_that_forgot_its_scripts(redis_server: RedisServer, redis_keys: Keys) -> None:
+    """The appender names its script by SHA (no ``SCRIPT EXISTS`` trip per pipeline); a
+    Redis that lost its scripts (restarted, ``SCRIPT FLUSH``) gets it loaded again and
+    nothing of the run is lost."""
+    async with node(redis_server, redis_keys, "A") as (a, _), connect(redis_server.url) as admin:
+        run = Run(request("s"))
+        assert await a.claim("s", run.id)
+        await a.own(run)
+        run.start()
+        run.play()
+        run.emit_text("before ")
+        with trio.fail_after(5):
+            while await admin.xlen(redis_keys.log(run.id)) < 2:  # noqa: ASYNC110 (Redis's view: no event here)
+                await trio.sleep(0.001)
+        await admin.script_flush()
+        run.emit_text("after")
+        run.end(How.COMPLETED)
+        assert await a.finish(run) is None
+        reader = StreamReader(admin, redis_keys, run.id)
+        with trio.fail_after(5):
+            mirror = await reader.read_until_settled()
+        assert [e.seq for e in mirror.events] == [e.seq for e in run.log.events]
+        assert "".join(e.delta or "" for e in mirror.events) == "before after"

@@ -32,7 +32,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 import coredis.exceptions
 import structlog
@@ -46,7 +46,18 @@ from .bus import BUS_MAXLEN, Bus
 from .lease import Leases
 from .queues import Queues
 from .redis import CONNECTION_ERRORS, Client, Keys, RedisUnavailable, connect
-from .stream import OVER_LUA, MirrorLog, RunStream, RunTakenOver, StreamReader, end_orphan, ended_unsettled, rebuild
+from .stream import (
+    APPEND_SCRIPT,
+    APPEND_SHA,
+    OVER_LUA,
+    MirrorLog,
+    RunStream,
+    RunTakenOver,
+    StreamReader,
+    end_orphan,
+    ended_unsettled,
+    rebuild,
+)
 
 if TYPE_CHECKING:
     from ..admission import Queued
@@ -145,21 +156,22 @@ class RemoteRun(FanOut):
 
 class StreamOutbox:
     """The owner's subscription to its own run: what the run publishes, queued for the
-    task that appends it to the run's stream. Never full (bounded by the run's own event
-    bound), so the run never waits for Redis."""
+    broker's appender, which sends every owned run's waiting events to Redis in one
+    pipeline per round trip. Never full (bounded by the run's own event bound), so the
+    run never waits for Redis."""
 
-    def __init__(self) -> None:
+    def __init__(self, ready: Callable[[], None]) -> None:
         self.pending: list[Event] = []
-        self.more = trio.Event()
+        self._ready = ready
 
     def offer(self, frame: Event | str) -> bool:
         if type(frame) is Event:
             self.pending.append(frame)
-            self.more.set()
+            self._ready()
         return True
 
     def wake(self) -> None:
-        self.more.set()
+        pass
 
     def fall_behind(self, sub: Subscriber) -> None:  # never: offer never refuses
         raise AssertionError("a stream outbox never falls behind")
@@ -172,15 +184,14 @@ class StreamOutbox:
 class _Owned:
     """What the node keeps for a run it plays."""
 
-    __slots__ = ("flushed", "outbox", "run", "scope", "stream", "sub")
+    __slots__ = ("flushed", "outbox", "run", "stream", "sub")
 
     def __init__(self, run: Run, stream: RunStream, outbox: StreamOutbox, sub: Subscriber) -> None:
         self.run = run
         self.stream = stream
         self.outbox = outbox
         self.sub = sub
-        self.scope = trio.CancelScope()
-        #: Set once the terminal event is in the stream (or the run was taken over).
+        #: Set once the terminal event is in the stream (or the run cannot write any more).
         self.flushed = trio.Event()
 
 
@@ -211,6 +222,9 @@ class RedisBroker:
         #: The messages waiting behind this process's runs, as last counted.
         self._queued_count = 0
         self._recount = trio.Event()
+        #: Owned runs with events for their streams, for the appender's next trip.
+        self._waiting: dict[str, _Owned] = {}
+        self._appends = trio.Event()
         self._nursery: trio.Nursery | None = None
         #: False while Redis does not answer (then ``/healthz`` answers 503).
         self.healthy = True
@@ -244,6 +258,7 @@ class RedisBroker:
             nursery.start_soon(self._listen_forever, cursor)
             nursery.start_soon(self._sweep_forever)
             nursery.start_soon(self._count_queued_forever)
+            nursery.start_soon(self._append_forever)
             task_status.started()
 
     def _lost(self, exc: BaseException) -> None:
@@ -325,35 +340,80 @@ class RedisBroker:
         """
         assert self._nursery is not None, "serve() first"
         stream = RunStream(self._client, self.keys, run.id, self._max_events)
-        outbox = StreamOutbox()
+        owned: _Owned
+        outbox = StreamOutbox(lambda: self._ready(owned))
         owned = _Owned(run, stream, outbox, run.subscribe(outbox))
         self._owned[run.id] = owned
-        self._nursery.start_soon(self._write, owned)
+        self._ready(owned)
         self._nursery.start_soon(self._renew, owned)
         with _redis_errors():
             await self._client.hset(self._runs_key, {run.id: f"{run.session_id} {run.answer_id}"})
             await self.bus.publish(Notice("run_started", run.session_id, run.id, owner=self.owner))
 
-    async def _write(self, owned: _Owned) -> None:
-        """Append what the run published, a batch per round trip, until its terminal event."""
-        outbox = owned.outbox
+    def _ready(self, owned: _Owned) -> None:
+        """The run has events for its stream: the appender takes them at its next trip."""
+        if not owned.flushed.is_set():
+            self._waiting[owned.run.id] = owned
+            self._appends.set()
+
+    async def _append_forever(self) -> None:
+        """Append what every owned run published, all runs in one pipeline per round
+        trip (one fenced script per run); while a trip is out the next batch gathers, so
+        the busier the process the more each trip carries. A run's stream is done once
+        its terminal event is in (``flushed``), or it was taken over, or Redis was lost
+        (the run then ends with an ``error`` naming Redis).
+
+        Cancellation: a trip cancelled half-way may leave a run's top behind what Redis
+        holds; this task only ends with the broker, and the runs with it.
+        """
+        while True:
+            await self._appends.wait()
+            self._appends = trio.Event()
+            waiting, self._waiting = self._waiting, {}
+            trips: list[tuple[_Owned, list[Event]]] = []
+            for owned in waiting.values():
+                batch, owned.outbox.pending = owned.outbox.pending, []
+                if batch:
+                    trips.append((owned, batch))
+            if not trips:
+                continue
+            try:
+                results = await self._append_trip(trips)
+            except REDIS_DOWN as exc:
+                self._lost(exc)
+                for owned, _ in trips:
+                    owned.run.fail(redis_lost_message(exc))
+                    owned.flushed.set()
+                continue
+            for (owned, batch), done in zip(trips, results, strict=True):
+                self._appended(owned, batch, done)
+
+    async def _append_trip(self, trips: list[tuple[_Owned, list[Event]]]) -> list[int]:
+        """One round trip: each run's fenced append, by ``EVALSHA`` in one pipeline (no
+        ``SCRIPT EXISTS`` trip first); a Redis that lost its scripts (restarted) gets
+        the script loaded and the trip again (nothing was appended: every call said
+        ``NOSCRIPT``)."""
+        for _ in range(2):
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    answers = [
+                        pipe.evalsha(APPEND_SHA, keys=[o.stream.key], args=o.stream.append_args(b)) for o, b in trips
+                    ]
+                return [int(cast("int", await answer)) for answer in answers]
+            except coredis.exceptions.NoScriptError:
+                await self._client.script_load(APPEND_SCRIPT)
+        raise RedisUnavailable("Redis keeps forgetting the append script")
+
+    def _appended(self, owned: _Owned, batch: list[Event], done: int) -> None:
         try:
-            with owned.scope:
-                while True:
-                    await outbox.more.wait()
-                    outbox.more = trio.Event()
-                    batch, outbox.pending = outbox.pending, []
-                    await owned.stream.append(batch)
-                    terminal = owned.run.log.terminal
-                    if terminal is not None and owned.stream.top >= terminal.seq:
-                        return
+            owned.stream.appended(batch, done)
         except RunTakenOver:
             log.warning("cluster.run_taken_over", run_id=owned.run.id)
             owned.run.cancel("shutdown")
-        except REDIS_DOWN as exc:
-            self._lost(exc)
-            owned.run.fail(redis_lost_message(exc))
-        finally:
+            owned.flushed.set()
+            return
+        terminal = owned.run.log.terminal
+        if terminal is not None and owned.stream.top >= terminal.seq:
             owned.flushed.set()
 
     async def _renew(self, owned: _Owned) -> None:

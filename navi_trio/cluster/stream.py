@@ -20,6 +20,7 @@ and ``events.py`` are the same on every process.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, cast
 
@@ -77,6 +78,12 @@ return 1
 )
 
 
+#: The append script's SHA1, as ``EVALSHA`` names it (in a pipeline of many runs' appends;
+#: after a ``NOSCRIPT`` answer, load :data:`APPEND_SCRIPT` and send the trip again).
+APPEND_SCRIPT: Final = _APPEND
+APPEND_SHA: Final = hashlib.sha1(_APPEND.encode()).hexdigest()
+
+
 class RunTakenOver(NaviError):
     """The run's log refused an append: another process ended the run (its owner's lease
     had expired), so this process must stop playing it."""
@@ -118,10 +125,19 @@ class RunStream:
         """
         if not events:
             return
+        self.appended(events, await self._append(keys=[self.key], args=self.append_args(events)))
+
+    def append_args(self, events: Sequence[Event]) -> list[str | int]:
+        """The append script's arguments for ``events`` (for a pipeline of many runs'
+        appends: ``script(keys=[stream.key], args=..., client=pipe)``)."""
         args: list[str | int] = [self.top, self._maxlen, events[0].seq]
         for ev in events:
             args += (ev.type, ev.wire)
-        done: int = await self._append(keys=[self.key], args=args)
+        return args
+
+    def appended(self, events: Sequence[Event], done: int) -> None:
+        """What the append script answered for ``events``: the top moves on, or
+        :class:`RunTakenOver` is raised (nothing was appended)."""
         if done != 1:
             raise RunTakenOver(self.key)
         self.top = events[-1].seq
