@@ -172,6 +172,10 @@ class Broker(Protocol):
         """Who holds the session now (None: nobody)."""
         ...
 
+    async def look(self, session_id: str) -> tuple[Holder | None, list[Queued]]:
+        """What admission decides from, in one step: the session's holder and its queue."""
+        ...
+
     async def claim(self, session_id: str, run_id: str) -> bool:
         """Make ``run_id`` (to be played here) the session's run; False if one holds it."""
         ...
@@ -268,6 +272,9 @@ class InProcessBroker:
     # -- ownership -----------------------------------------------------------------------
     async def holder(self, session_id: str) -> Holder | None:
         return self._holders.get(session_id)
+
+    async def look(self, session_id: str) -> tuple[Holder | None, list[Queued]]:
+        return self._holders.get(session_id), list(self._queues.get(session_id, ()))
 
     async def claim(self, session_id: str, run_id: str) -> bool:
         if session_id in self._holders:

@@ -314,8 +314,7 @@ class RunRegistry:
         sid = request.session_id
         broker = self.broker
         for _ in range(ADMIT_TRIES):
-            holder = await broker.holder(sid)
-            queue = await broker.queued(sid)
+            holder, queue = await broker.look(sid)
             held = self.local.active(sid)
             over = holder is not None and held is not None and held.id == holder.run_id and held.over
             verdict = admission.admit(

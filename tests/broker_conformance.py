@@ -210,6 +210,10 @@ async def check_queues(make: BrokerFactory) -> None:
         assert await broker.enqueue("a", qi, 0, holder=h, length=2), "inserted at the front"
         assert await broker.enqueue("a", q3, 3, holder=h, length=3)
         assert contents(await broker.queued("a")) == [("i", True), ("1", False), ("2", False), ("3", False)]
+        looked_holder, looked_queue = await broker.look("a")
+        assert looked_holder == h, "look: the holder and the queue in one step"
+        assert contents(looked_queue) == contents(await broker.queued("a"))
+        assert await broker.look("b") == (None, [])
         # What admission saw no longer holds: nothing changes.
         assert not await broker.enqueue("a", Queued(request("a", "x")), 0, holder=h, length=2), "a stale length"
         stranger = Holder("someone-else", broker.owner)

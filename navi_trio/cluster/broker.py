@@ -325,6 +325,10 @@ class RedisBroker:
         with _redis_errors():
             return await self.leases.holder(session_id)
 
+    async def look(self, session_id: str) -> tuple[Holder | None, list[Queued]]:
+        with _redis_errors():
+            return await self.queues.look(session_id)
+
     async def claim(self, session_id: str, run_id: str) -> bool:
         """Make ``run_id`` (to be played here) the session's run, cluster-wide."""
         with _redis_errors():
@@ -346,9 +350,10 @@ class RedisBroker:
         self._owned[run.id] = owned
         self._ready(owned)
         self._nursery.start_soon(self._renew, owned)
-        with _redis_errors():
-            await self._client.hset(self._runs_key, {run.id: f"{run.session_id} {run.answer_id}"})
-            await self.bus.publish(Notice("run_started", run.session_id, run.id, owner=self.owner))
+        with _redis_errors():  # one round trip: the run is known to the sweep, and announced
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hset(self._runs_key, {run.id: f"{run.session_id} {run.answer_id}"})
+                self.bus.publish_in(pipe, Notice("run_started", run.session_id, run.id, owner=self.owner))
 
     def _ready(self, owned: _Owned) -> None:
         """The run has events for its stream: the appender takes them at its next trip."""

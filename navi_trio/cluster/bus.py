@@ -16,7 +16,7 @@ trimmed away simply goes on from what is left.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Any, Final, cast
 
 import coredis
 import trio
@@ -37,9 +37,14 @@ class Bus:
 
     async def publish(self, notice: Notice) -> None:
         """Tell every process (this one too). Cancellation: one ``XADD``, sent or not."""
+        await self.publish_in(self._client, notice)
+
+    def publish_in(self, client: Any, notice: Notice) -> Any:
+        """:meth:`publish` on ``client``: a pipeline queues it (returns its answer to
+        await after the pipeline ran); the client sends it (returns the awaitable)."""
         if notice.kind not in NOTICE_KINDS:
             raise ValueError(f"unknown notice {notice.kind!r}")
-        await self._client.xadd(
+        return client.xadd(
             self.key,
             notice.fields(),
             trim_strategy=coredis.PureToken.MAXLEN,

@@ -86,6 +86,15 @@ class Queues:
         """What waits for the session's run, oldest first."""
         return [load(item) for item in await self._client.lrange(self._keys.queue(session_id), 0, -1)]
 
+    async def look(self, session_id: str) -> tuple[Holder | None, list[Queued]]:
+        """The session's holder and its queue, in one round trip (a transaction: one
+        consistent view)."""
+        async with self._client.pipeline(transaction=True) as pipe:
+            value = pipe.get(self._keys.lease(session_id))
+            items = pipe.lrange(self._keys.queue(session_id), 0, -1)
+        held = await value
+        return (None if held is None else Holder.parse(held)), [load(item) for item in await items]
+
     async def insert(self, session_id: str, queued: Queued, at: int, *, holder: Holder | None, length: int) -> bool:
         """Put ``queued`` at position ``at`` if the session is still held by ``holder``
         with ``length`` messages waiting (what admission decided from); False (nothing
