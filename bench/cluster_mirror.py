@@ -85,12 +85,8 @@ async def cluster_run(url: str, prefix: str, events: int, follow: bool = True) -
     keys = Keys(prefix)
 
     async with connect(url) as ca, connect(url) as cb, trio.open_nursery() as nursery:
-        a = RedisBroker(
-            ca, keys, "A", lease_s=10, max_run_events=events + 10
-        )
-        b = RedisBroker(
-            cb, keys, "B", lease_s=10, max_run_events=events + 10
-        )
+        a = RedisBroker(ca, keys, "A", lease_s=10, max_run_events=events + 10)
+        b = RedisBroker(cb, keys, "B", lease_s=10, max_run_events=events + 10)
         await nursery.start(a.serve)
         await nursery.start(b.serve)
         run = Run(RunRequest("s", None, "x", "x"))
