@@ -632,6 +632,27 @@ async def warm_pool(store: PostgresStore) -> None:
             nursery.start_soon(store._call, "warming the pool", lambda c: c.execute("SELECT pg_sleep(0.2)"))
 
 
+async def test_postgres_back_after_an_outage_the_next_call_works(own_postgres: PgServer) -> None:
+    """PostgreSQL away for a few seconds while calls keep failing (as ``/healthz`` and the
+    checkpoints make them), then back: the very next call works. psycopg_pool alone would
+    retry its lost connections with a doubling delay (after 1, 3, 7, 15 ... s), so the
+    first call after this outage would find no connection (and a longer outage, a longer
+    wait: ``/healthz`` 503 with PostgreSQL up); the store has it give up a try within
+    ``RECONNECT_TIMEOUT_S``, and the next call's wait makes a new one at once."""
+    with own_postgres.database() as url, trio.fail_after(60):
+        async with await PostgresStore.open(url) as store:  # the server's pool wait: 2 s
+            await warm_pool(store)
+            await trio.to_thread.run_sync(own_postgres.stop)
+            try:
+                down_until = trio.current_time() + 3.5  # the outage: calls fail all along
+                while trio.current_time() < down_until:
+                    assert not await store.ping()
+            finally:
+                await trio.to_thread.run_sync(own_postgres.start)
+            assert await store.ping(), store.unavailable
+            assert store.unavailable is None
+
+
 async def test_postgres_restarted_while_idle_fails_no_call(own_postgres: PgServer) -> None:
     """PostgreSQL restarts while the pool's connections sit idle (no call noticed it):
     the first calls afterwards work, none of them fails on a dead connection."""

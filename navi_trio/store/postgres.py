@@ -154,6 +154,15 @@ DIALECT: Final = Dialect(
     is_unique_violation=lambda exc: isinstance(exc, psycopg.errors.UniqueViolation),
 )
 
+#: How long the pool tries to replace one lost connection before it gives that try up.
+#: Why short: psycopg_pool retries a failed connect with a delay that doubles (1, 2, 4,
+#: 8 ... s, its own and not configurable) for this long (its default: 5 minutes), so after
+#: an outage of a minute its next try could come a minute after PostgreSQL is back, and
+#: ``/healthz`` would say 503 all that time. Given up, the try is made again, at once, by
+#: the next call that waits for a connection (the pool grows on demand), so the store
+#: sees PostgreSQL back within about this long of it answering, however long it was away.
+RECONNECT_TIMEOUT_S: Final = 2.0
+
 
 def describe(url: str) -> str:
     """``PostgreSQL at host:port/dbname`` for messages and logs: never the password."""
@@ -335,6 +344,7 @@ class PostgresStore(DbApiStore):
                 max_size=POOL_SIZE,
                 kwargs={"autocommit": True},
                 timeout=pool_timeout_s,
+                reconnect_timeout=RECONNECT_TIMEOUT_S,
                 open=False,
                 name="navi-trio",
             )
