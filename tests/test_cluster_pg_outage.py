@@ -14,7 +14,6 @@ subprocesses): every wait is a bounded poll of what the servers or PostgreSQL sh
 from __future__ import annotations
 
 import contextlib
-import gc
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,6 @@ from .helpers import Client, Server, all_tasks, script, task_names, text_of
 from .pg import PASSWORD, PgServer, running_postgres
 from .redis_server import RedisServer, running_redis
 from .test_cluster_servers import two_servers
-
-# coredis leaves the anyio memory streams of a connection attempt that failed unclosed
-# (collected later with a ResourceWarning): its own leak, not ours, and only on failures.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <function MemoryObject:pytest.PytestUnraisableExceptionWarning"
-)
 
 #: Fast ticks: a checkpoint every 0.2 s finds PostgreSQL gone within a fraction of a second.
 SETTINGS: dict[str, Any] = {"checkpoint_s": 0.2, "save_timeout_s": 2.0}
@@ -247,6 +240,5 @@ async def test_postgres_lost_under_load_on_two_servers_then_back(
                 assert srv.registry.unsaved_count == 0
             assert task_names("run:") == []
             runs_seen(late.sender), runs_seen(late.follower)  # still one terminal event per run
-    gc.collect()  # coredis's streams of the failed reconnects warn now, under this module's filter
     left = sorted(t.name for t in set(all_tasks()) - baseline)
     assert not left, f"tasks left behind: {left}"
