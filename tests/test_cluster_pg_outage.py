@@ -31,7 +31,15 @@ from .redis_server import RedisServer, running_redis
 from .test_cluster_servers import two_servers
 
 #: Fast ticks: a checkpoint every 0.2 s finds PostgreSQL gone within a fraction of a second.
-SETTINGS: dict[str, Any] = {"checkpoint_s": 0.2, "save_timeout_s": 2.0}
+CHECKPOINT_S = 0.2
+#: Why the short lease fails (cluster code the lead is refactoring; see the report).
+SHORT_LEASE_BUG = (
+    "node.py ClusterNode._renew stops renewing a run's lease at its terminal event, not at"
+    " finish() (after the answer's save, which takes the pool's wait, 2 s, while PostgreSQL is"
+    " down), so a 1 s lease lapses; the other server's sweep takes the run for an orphan, its"
+    " save (registry.py _save_orphan) raises StoreError, which _sweep_forever does not catch:"
+    " server.supervisor_failed, and that server stops serving"
+)
 #: A run that writes all the time (a delta every 20 ms, for 16 s): its next checkpoint fails.
 STREAMING = script({"text": "w ", "repeat": 800, "delay": 0.02})
 #: A run with nothing to write once its first text is checkpointed: it waits on a tool.
@@ -118,13 +126,27 @@ async def health(srv: Server) -> int:
     return (await srv.http.get("/healthz")).status_code
 
 
+@pytest.mark.parametrize(
+    ("lease_s", "save_timeout_s"),
+    [
+        pytest.param(10.0, 2.0, id="lease-10s"),
+        # NAVI_LEASE_S=1 as the process tests use it, with the default NAVI_SAVE_TIMEOUT_S:
+        # a refused save (2 s) outlasts the lease.
+        pytest.param(1.0, 5.0, id="lease-1s", marks=pytest.mark.xfail(strict=True, reason=SHORT_LEASE_BUG)),
+    ],
+)
 async def test_postgres_lost_under_load_on_two_servers_then_back(
-    own_redis: RedisServer, own_postgres: PgServer, tmp_path: Path
+    own_redis: RedisServer, own_postgres: PgServer, tmp_path: Path, lease_s: float, save_timeout_s: float
 ) -> None:
     baseline = set(all_tasks())
     where = f"Storage error: PostgreSQL at 127.0.0.1:{own_postgres.port}/postgres is unavailable"
     with own_postgres.database() as url, trio.fail_after(120):
-        async with two_servers(own_redis, url, tmp_path, **SETTINGS) as (a, b), contextlib.AsyncExitStack() as stack:
+        async with (
+            two_servers(
+                own_redis, url, tmp_path, lease_s, checkpoint_s=CHECKPOINT_S, save_timeout_s=save_timeout_s
+            ) as (a, b),
+            contextlib.AsyncExitStack() as stack,
+        ):
             # Two streaming runs and two waiting ones, on each server one of each, each
             # followed from the other server.
             streaming = [await Watched.start(stack, a, b, STREAMING), await Watched.start(stack, b, a, STREAMING)]
