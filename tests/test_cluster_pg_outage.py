@@ -38,11 +38,12 @@ from .test_cluster_servers import two_servers
 CHECKPOINT_S = 0.2
 #: Why the short lease fails (cluster code the lead is refactoring; see the report).
 SHORT_LEASE_BUG = (
-    "node.py ClusterNode._renew stops renewing a run's lease at its terminal event, not at"
-    " finish() (after the answer's save, which takes the pool's wait, 2 s, while PostgreSQL is"
-    " down), so a 1 s lease lapses; the other server's sweep takes the run for an orphan, its"
-    " save (registry.py _save_orphan) raises StoreError, which _sweep_forever does not catch:"
-    " server.supervisor_failed, and that server stops serving"
+    "cluster/broker.py RedisBroker._renew stops renewing a run's lease at its terminal event"
+    " (while not run.over), not at finish() (after the answer's save, which takes the pool's"
+    " wait, 2 s, while PostgreSQL is down), so a 1 s lease lapses; the other server's sweep"
+    " takes the run for an orphan, its save (runs.py RunRegistry._save_orphan) raises"
+    " StoreError, which RedisBroker._sweep_forever does not catch: server.supervisor_failed,"
+    " and that server stops serving"
 )
 #: A run that writes all the time (a delta every 20 ms, for 16 s): its next checkpoint fails.
 STREAMING = script({"text": "w ", "repeat": 800, "delay": 0.02})
@@ -276,10 +277,10 @@ async def test_postgres_lost_under_load_on_two_servers_then_back(
 PROCESS_ENV = {"NAVI_CHECKPOINT_S": str(CHECKPOINT_S), "NAVI_SAVE_TIMEOUT_S": "2"}
 #: Why a dead owner's run cannot end while PostgreSQL is down (cluster code; see the report).
 ORPHAN_SAVE_BUG = (
-    "node.py ClusterNode._sweep_forever catches only REDIS_DOWN: the orphan's save"
-    " (registry.py ClusterRegistry._save_orphan, store.save_answer) raises StoreError while"
-    " PostgreSQL is down, which ends the node's task group: server.supervisor_failed on the"
-    " surviving process, which closes every WebSocket and stops serving"
+    "cluster/broker.py RedisBroker._sweep_forever catches only REDIS_DOWN: the orphan's save"
+    " (runs.py RunRegistry._save_orphan, store.save_answer) raises StoreError while"
+    " PostgreSQL is down, which ends the broker's task group: server.supervisor_failed on"
+    " the surviving process, which closes every WebSocket and stops serving"
 )
 
 
