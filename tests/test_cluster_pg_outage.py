@@ -36,15 +36,6 @@ from .test_cluster_servers import two_servers
 
 #: Fast ticks: a checkpoint every 0.2 s finds PostgreSQL gone within a fraction of a second.
 CHECKPOINT_S = 0.2
-#: Why the short lease fails (cluster code the lead is refactoring; see the report).
-SHORT_LEASE_BUG = (
-    "cluster/broker.py RedisBroker._renew stops renewing a run's lease at its terminal event"
-    " (while not run.over), not at finish() (after the answer's save, which takes the pool's"
-    " wait, 2 s, while PostgreSQL is down), so a 1 s lease lapses; the other server's sweep"
-    " takes the run for an orphan, its save (runs.py RunRegistry._save_orphan) raises"
-    " StoreError, which RedisBroker._sweep_forever does not catch: server.supervisor_failed,"
-    " and that server stops serving"
-)
 #: A run that writes all the time (a delta every 20 ms, for 16 s): its next checkpoint fails.
 STREAMING = script({"text": "w ", "repeat": 800, "delay": 0.02})
 #: A run with nothing to write once its first text is checkpointed: it waits on a tool.
@@ -136,8 +127,8 @@ async def health(srv: Server) -> int:
     [
         pytest.param(10.0, 2.0, id="lease-10s"),
         # NAVI_LEASE_S=1 as the process tests use it, with the default NAVI_SAVE_TIMEOUT_S:
-        # a refused save (2 s) outlasts the lease.
-        pytest.param(1.0, 5.0, id="lease-1s", marks=pytest.mark.xfail(strict=True, reason=SHORT_LEASE_BUG)),
+        # a refused save (2 s) outlasts the lease, which its owner must hold until then.
+        pytest.param(1.0, 5.0, id="lease-1s"),
     ],
 )
 async def test_postgres_lost_under_load_on_two_servers_then_back(
@@ -275,13 +266,6 @@ async def test_postgres_lost_under_load_on_two_servers_then_back(
 #: What the processes are started with besides the cluster's URLs: fast checkpoints, and a
 #: save bound of 2 s (the pool waits 1 s for a connection), as in the tests above.
 PROCESS_ENV = {"NAVI_CHECKPOINT_S": str(CHECKPOINT_S), "NAVI_SAVE_TIMEOUT_S": "2"}
-#: Why a dead owner's run cannot end while PostgreSQL is down (cluster code; see the report).
-ORPHAN_SAVE_BUG = (
-    "cluster/broker.py RedisBroker._sweep_forever catches only REDIS_DOWN: the orphan's save"
-    " (runs.py RunRegistry._save_orphan, store.save_answer) raises StoreError while"
-    " PostgreSQL is down, which ends the broker's task group: server.supervisor_failed on"
-    " the surviving process, which closes every WebSocket and stops serving"
-)
 
 
 async def process_health(srv: ServerProcess) -> int:
@@ -374,7 +358,6 @@ async def test_postgres_lost_while_separate_processes_stream_then_back(
                 assert await srv.wait_exit(15) == 0, srv.output
 
 
-@pytest.mark.xfail(strict=True, reason=ORPHAN_SAVE_BUG)
 async def test_an_owner_killed_while_postgres_is_down_is_ended_by_the_other_once(
     own_redis: RedisServer, own_postgres: PgServer, tmp_path: Path
 ) -> None:
