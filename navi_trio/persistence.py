@@ -119,19 +119,28 @@ class Persistence:
 
     # -- final saves and their retries ---------------------------------------------------
     async def save_final(self, run: Run) -> None:
-        """Save the answer with the status its end decided; a store fault is logged and the
-        answer kept for a retry at every checkpoint tick.
+        """Save the answer with the status its end decided. Until the store has it, the
+        answer is kept for a retry at every checkpoint tick: after a store fault, and
+        also when the save is cut off by the cleanup's time bound (a database host gone
+        silent: the statement would wait longer than the bound).
 
-        Cancellation: called only inside the run's shielded, time-bounded cleanup.
+        Cancellation: called only inside the run's shielded, time-bounded cleanup; a
+        cancel there leaves the answer kept for the retry.
         """
         answer = run.answer()
+        self._unsaved[answer.id] = answer
+        stored = False
         try:
             with self._metrics.store_op("save"):
                 await self.store.save_answer(answer)
+            stored = True
         except StoreError as exc:
             log.error("run.save_failed", error=str(exc), retry_every_s="checkpoint interval")
-            self._unsaved[answer.id] = answer
-            self._work.set()  # wake the checkpoint task to retry
+        finally:
+            if stored:
+                self._unsaved.pop(answer.id, None)
+            else:
+                self._work.set()  # wake the checkpoint task to retry
         log.info("run.ended", status=answer.status, last_seq=run.log.last_seq, reason=run.stop_reason)
 
     async def _retry_unsaved(self) -> None:

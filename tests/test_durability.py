@@ -1152,3 +1152,38 @@ async def test_delete_mid_run_with_sqlite_removes_everything(tmp_path: Path) -> 
         assert conn.execute("SELECT COUNT(*) FROM messages").fetchone() == (2,)
     finally:
         conn.close()
+
+
+class HangingOnceStore(MemoryStore):
+    """The memory store whose first final save never returns (a database host gone
+    silent): only the run's save bound ends it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hung = False
+
+    async def save_answer(self, answer: Answer) -> None:
+        if not self.hung:
+            self.hung = True
+            await trio.sleep_forever()
+        await super().save_answer(answer)
+
+
+async def test_a_final_save_cut_off_by_its_time_bound_is_retried_until_stored(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = HangingOnceStore()
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            reg = RunRegistry(nursery, store, ScriptedAgent(), broker=InProcessBroker(), save_timeout_s=2.0)
+            nursery.start_soon(reg.serve_checkpoints, CHECKPOINT_S)
+            await store.create_session("s1", "t", None)
+            run = reg.submit(req("s1", script({"text": "kept"})))
+            assert run is not None
+            await run.done.wait()
+            assert store.hung, "its first save hung"
+            while reg.unsaved_count:  # noqa: ASYNC110 (the retry is the checkpoint task's; virtual time)
+                await trio.sleep(CHECKPOINT_S)
+            nursery.cancel_scope.cancel()
+    final = answer_of(store, run)
+    assert (final.status, final.content) == ("complete", "kept")
