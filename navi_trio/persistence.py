@@ -148,7 +148,7 @@ class Persistence:
             try:
                 with trio.move_on_after(self.save_timeout_s), self._metrics.store_op("save"):
                     await self.store.save_answer(answer)
-                    del self._unsaved[answer_id]
+                    self._unsaved.pop(answer_id, None)  # save_final may have stored it meanwhile
                     log.info("run.save_retried", answer_id=answer_id, status=answer.status)
             except StoreError:
                 return  # still failing: try again at the next tick

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -676,3 +677,33 @@ async def test_postgres_calls_after_close_are_store_errors(database_url: str) ->
             await store.list_sessions(None)
         problem = await store.health()
         assert problem is not None and problem.endswith("the store is closed")
+
+
+async def test_sqlite_closed_while_an_abandoned_query_runs_is_closed_by_that_query(tmp_path: Path) -> None:
+    """A cancelled call's worker thread is abandoned, not stopped; closing the store under
+    its running statement crashed the process (sqlite3 freed under another thread). The
+    connection is now closed by the last thread using it."""
+    store = await SqliteStore.open(tmp_path / "navi.sqlite3")
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(c: sqlite3.Connection) -> int:
+        entered.set()
+        release.wait(10)
+        (n,) = c.execute("SELECT COUNT(*) FROM sessions").fetchone()
+        return int(n)
+
+    with trio.move_on_after(0.2):
+        await store._call("a slow query", slow)  # abandoned when the scope is cancelled
+    assert entered.is_set()
+    store.close()  # the query still runs: closing is left to it
+    assert store._conn.execute("SELECT 1").fetchone() == (1,), "not closed under the query"
+    release.set()
+    with trio.fail_after(10):
+        while True:
+            try:
+                store._conn.execute("SELECT 1")
+            except sqlite3.ProgrammingError:
+                break
+            await trio.sleep(0.01)
+    with pytest.raises(StoreError):
+        await store.get_session("any")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -111,6 +112,13 @@ class SqliteStore(DbApiStore, UploadsInDataDir):
         self._conn = conn
         self._path = path
         self._limiter = trio.CapacityLimiter(1)
+        #: Worker threads using the connection now (a cancelled call's thread is
+        #: abandoned, not stopped), and whether close() was asked meanwhile: the
+        #: connection is closed by whoever is last, never under a running query (sqlite3
+        #: closed under another thread's statement crashes the process).
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._closing = False
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -140,12 +148,19 @@ class SqliteStore(DbApiStore, UploadsInDataDir):
 
     async def _call(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
         def work() -> T:
+            with self._lock:
+                if self._closing:
+                    raise sqlite3.ProgrammingError("the store is closed")
+                self._busy += 1
             try:
                 return fn(self._conn)
             except sqlite3.Error:
                 if self._conn.in_transaction:
                     self._conn.rollback()
                 raise
+            finally:
+                if self._leave():
+                    self._conn.close()
 
         try:
             return await trio.to_thread.run_sync(work, limiter=self._limiter, abandon_on_cancel=True)
@@ -183,6 +198,18 @@ class SqliteStore(DbApiStore, UploadsInDataDir):
         await trio.lowlevel.checkpoint()
         return None
 
+    def _leave(self) -> bool:
+        """A worker thread is done with the connection: whether it must close it."""
+        with self._lock:
+            self._busy -= 1
+            return self._closing and self._busy == 0
+
     def close(self) -> None:
-        """Close the connection. Synchronous and quick: safe in a cancelled ``finally``."""
-        self._conn.close()
+        """Close the connection, now or, if an abandoned worker thread is still running a
+        query on it, as that thread finishes. Synchronous and quick: safe in a cancelled
+        ``finally``."""
+        with self._lock:
+            self._closing = True
+            idle = self._busy == 0
+        if idle:
+            self._conn.close()
