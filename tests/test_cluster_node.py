@@ -94,7 +94,11 @@ async def test_a_stop_from_another_process_answers_once_the_run_is_settled(
     redis_server: RedisServer, redis_keys: Keys
 ) -> None:
     saved: list[str] = []
-    async with node(redis_server, redis_keys, "A") as (a, _), node(redis_server, redis_keys, "B") as (b, _):
+    async with (
+        node(redis_server, redis_keys, "A") as (a, _),
+        node(redis_server, redis_keys, "B") as (b, _),
+        connect(redis_server.url) as reader,
+    ):
         run = Run(request("s"))
         assert await a.claim("s", run.id)
         await a.own(run)
@@ -115,12 +119,14 @@ async def test_a_stop_from_another_process_answers_once_the_run_is_settled(
             nursery.start_soon(play)
             await trio.testing.wait_all_tasks_blocked()
             with trio.fail_after(5):
-                stopped = await b.stop("s", "user")
-            assert stopped == run.id
+                holder, live = await b.stop_live("s", "user")
+                assert holder is not None and live
+                await StreamReader(reader, redis_keys, holder.run_id).read_until_settled()
+            assert holder.run_id == run.id
             assert saved == ["partial"], "the stop answered before the answer was saved"
             assert run.stop_reason == "user"
             assert run.log.terminal is not None and run.log.terminal.type == "stream_stopped"
-        assert await b.stop("s", "user") is None  # nothing runs now
+        assert await b.stop_live("s", "user") == (None, False)  # nothing runs now
 
 
 LEASE_S = 0.3

@@ -147,14 +147,11 @@ async def test_a_revocation_by_the_cli_closes_the_users_connections_on_every_pro
     out = await navi_users(env, tmp_path, "add", "alice")
     token = out.strip().splitlines()[-1]
     auth = {"Authorization": f"Bearer {token}"}
-    servers = clean_env(
-        NAVI_REDIS_URL=own_redis.url, NAVI_DATABASE_URL=database_url, NAVI_AUTH="required", NAVI_GRACE_S="0.5"
-    )
     data = tmp_path / "data"
-    cmd = [NAVI, "serve", "--port", "0", "--data-dir", str(data), "--agent", "scripted"]
-    async with spawn(cmd, servers, tmp_path) as a, spawn(cmd, servers, tmp_path) as b:
-        await a.wait_listening()
-        await b.wait_listening()
+    async with (
+        navi(own_redis, database_url, data, NAVI_AUTH="required") as a,
+        navi(own_redis, database_url, data, NAVI_AUTH="required") as b,
+    ):
         async with httpx.AsyncClient(base_url=a.url, trust_env=False) as http:
             r = await http.post("/sessions", json={}, headers=auth)
             assert r.status_code == 201, r.text

@@ -549,20 +549,6 @@ class RedisBroker:
         with _redis_errors():
             return await self.queues.forget(session_id)
 
-    # -- stops from anywhere, waited for -----------------------------------------------
-    async def stop(self, session_id: str, reason: str) -> str | None:
-        """Stop the session's run wherever it plays; return its id once it is settled
-        (its terminal event in its stream, its answer saved), or None if none runs.
-
-        Cancellation: the stop is asked before any wait; a cancel only ends the wait.
-        """
-        holder = await self.leases.holder(session_id)
-        if holder is None:
-            return None
-        await self.bus.publish(Notice("stop", session_id, holder.run_id, reason=reason))
-        await StreamReader(self._client, self.keys, holder.run_id).read_until_settled()
-        return holder.run_id
-
     # -- dead owners -------------------------------------------------------------------
     async def _orphan_saved(self, run_id: str, session_id: str, answer_id: str, run_log: RunLog) -> bool:
         """Save an orphan's answer through ``on_orphan``, bounded; False if the store
