@@ -21,6 +21,7 @@ process and a cluster take the same steps.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -387,7 +388,7 @@ class RunRegistry:
             with contextlib.suppress(BrokerUnavailable):
                 passed = await self.broker.finish(run, hand_on=not closing)
             if closing:  # what waited for it will not start: saved as unstarted
-                await self._keep_queue_unstarted(run.session_id)
+                await self._keep_queues_unstarted([run.session_id])
         successor = None
         if passed is not None:
             queued, successor_id = passed
@@ -408,11 +409,14 @@ class RunRegistry:
             if admission.interrupts_successor(await self.broker.queued(run.session_id)):
                 successor.cancel("user")  # a later message already interrupted this one
 
-    async def _keep_queue_unstarted(self, session_id: str) -> None:
-        with contextlib.suppress(BrokerUnavailable):
-            unstarted = [queued.request for queued in await self.broker.forget_queue(session_id)]
-            if unstarted:
-                await self.persistence.keep_unstarted(unstarted)
+    async def _keep_queues_unstarted(self, session_ids: Iterable[str]) -> None:
+        """Take what waits for these sessions and save it as unstarted, in one store call."""
+        unstarted: list[RunRequest] = []
+        for session_id in session_ids:
+            with contextlib.suppress(BrokerUnavailable):
+                unstarted += [queued.request for queued in await self.broker.forget_queue(session_id)]
+        if unstarted:
+            await self.persistence.keep_unstarted(unstarted)
 
     # -- stops, deletes, closes --------------------------------------------------------
     def stop(self, session_id: str, reason: str = "user") -> Run | None:
@@ -497,8 +501,7 @@ class RunRegistry:
         nursery going away, and each still writes its terminal event and saves.
         """
         self.closing.set()
-        for session_id in {run.session_id for run in self.own_runs}:
-            await self._keep_queue_unstarted(session_id)
+        await self._keep_queues_unstarted({run.session_id for run in self.own_runs})
         with trio.move_on_after(grace_s):
             await self.wait_idle()
         for run in self.runs:
